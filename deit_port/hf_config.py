@@ -1,0 +1,93 @@
+"""The transformers side of an `ArchSpec`: which class, which config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .arch import ArchSpec
+
+__all__ = ["build_config", "hf_model_class", "imagenet_labels"]
+
+
+def hf_model_class(spec: ArchSpec) -> type:
+    """The transformers class a converted `spec` loads into.
+
+    distilled -> `DeiTForImageClassificationWithTeacher`; plain DeiT and DeiT III ->
+    `ViTForImageClassification`; `num_classes=0` -> the base model (`DeiTModel`/`ViTModel`,
+    which must be built with `add_pooling_layer=False`: timm has no pooler).
+    """
+    import transformers as tf
+
+    if spec.num_classes == 0:
+        return tf.DeiTModel if spec.distilled else tf.ViTModel
+    return tf.DeiTForImageClassificationWithTeacher if spec.distilled else tf.ViTForImageClassification
+
+
+def imagenet_labels() -> list[str]:
+    """ImageNet-1k class names in index order, from timm's bundled `ImageNetInfo`.
+
+    A few descriptions occur twice (`crane`, `maillot`); those get their WordNet id appended
+    (`crane (n02012849)`) so that `label2id` stays one to one.
+    """
+    from collections import Counter
+
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    names = [info.index_to_description(i) for i in range(info.num_classes())]
+    twice = {n for n, c in Counter(names).items() if c > 1}
+    return [
+        f"{n} ({info.index_to_label_name(i)})" if n in twice else n for i, n in enumerate(names)
+    ]
+
+
+def build_config(spec: ArchSpec, labels: Sequence[str] | None = None):
+    """Build the transformers config of `spec`.
+
+    Args:
+        spec: the architecture.
+        labels: class names, one per class; default: ImageNet-1k names when there are 1000
+            classes, else `LABEL_i`.
+
+    Returns:
+        A `DeiTConfig` (distilled) or `ViTConfig`, with timm's LayerNorm eps (not
+        transformers' default 1e-12) and `architectures` set.
+
+    Example:
+        >>> build_config(spec).layer_norm_eps
+        1e-06
+    """
+    import transformers as tf
+
+    if labels is None and spec.num_classes == 1000:
+        labels = imagenet_labels()
+    if labels is None:
+        labels = [f"LABEL_{i}" for i in range(spec.num_classes)]
+    if len(labels) != spec.num_classes:
+        raise ValueError(f"{len(labels)} labels given for a model with {spec.num_classes} classes")
+    if len(set(labels)) != len(labels):
+        raise ValueError("class labels must be unique")
+    config_class = tf.DeiTConfig if spec.distilled else tf.ViTConfig
+    kwargs = {}
+    if spec.num_classes:
+        kwargs = {
+            "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}
+        }
+    config = config_class(
+        hidden_size=spec.embed_dim,
+        num_hidden_layers=spec.depth,
+        num_attention_heads=spec.num_heads,
+        intermediate_size=spec.mlp_hidden,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=spec.eps,
+        image_size=spec.img_size,
+        patch_size=spec.patch_size,
+        num_channels=spec.in_chans,
+        qkv_bias=spec.qkv_bias,
+        encoder_stride=spec.patch_size,
+        **kwargs,
+    )
+    config.architectures = [hf_model_class(spec).__name__]
+    return config

@@ -1,0 +1,123 @@
+"""Where the timm model comes from: model names, timm's pretrained weights, seeded random weights."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "WeightsUnavailableError",
+    "create_timm_model",
+    "randomize_",
+    "resolve_model_name",
+    "supported_models",
+]
+
+logger = logging.getLogger(__name__)
+
+# transformers' script used these timm names, long gone from timm.
+_LEGACY_PREFIX = "vit_deit_"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """timm's pretrained weights for a model could not be had (offline, not cached, ...)."""
+
+
+def supported_models() -> list[str]:
+    """The timm DeiT architectures, sorted (`timm.list_models("deit*")`)."""
+    import timm
+
+    return sorted(timm.list_models("deit*"))
+
+
+def resolve_model_name(name: str) -> str:
+    """Return the timm name for `name`, accepting pretrained tags and the legacy `vit_deit_*`.
+
+    Raises:
+        ValueError: an unknown name, with the closest supported names as suggestions.
+    """
+    import timm
+
+    if name.startswith(_LEGACY_PREFIX):
+        name = "deit_" + name[len(_LEGACY_PREFIX):]
+    arch = name.split(".", 1)[0]
+    if timm.is_model(arch):
+        return name
+    close = difflib.get_close_matches(arch, supported_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "run `deit-port list` for the names"
+    raise ValueError(f"unknown timm model {name!r}: {hint}")
+
+
+def create_timm_model(
+    name: str, init: str = "pretrained", seed: int = 0, **kwargs
+) -> nn.Module:
+    """Create a timm model in eval mode.
+
+    Args:
+        name: a timm model name, optionally with a pretrained tag.
+        init: `pretrained` (timm's own weights, through timm's loading and hub cache) or
+            `random` (seeded, every tensor perturbed: see `randomize_`).
+        seed: the seed for `random`.
+        **kwargs: passed to `timm.create_model` (e.g. `num_classes`, `img_size`).
+
+    Raises:
+        WeightsUnavailableError: `pretrained` weights cannot be had; never falls back to random.
+    """
+    import timm
+
+    name = resolve_model_name(name)
+    if init == "random":
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        randomize_(model, seed)
+    elif init == "pretrained":
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:  # offline, not cached, no weights for this tag, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WeightsUnavailableError(
+                f"pretrained weights for {name} cannot be had ({first}); "
+                "pass --init random for seeded random weights"
+            ) from e
+    else:
+        raise ValueError(f"init must be 'pretrained' or 'random', not {init!r}")
+    return model.eval()
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Overwrite every parameter of `model` in place with seeded values of a realistic scale.
+
+    timm's default init leaves biases at zero and norms at one, so a swapped or dropped tensor
+    would not change the output; here nothing is zero or one:
+    - LayerNorm weights ~ 1 + N(0, 0.1), biases ~ N(0, 0.05);
+    - layer-scale gammas ~ U(0.1, 1);
+    - Linear/Conv weights ~ N(0, 1/fan_in), their biases ~ N(0, 0.05);
+    - class/distillation tokens and position embeddings ~ N(0, 0.02).
+
+    Returns:
+        `model`, for chaining.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(shape, std=1.0, mean=0.0):
+        return torch.randn(shape, generator=g) * std + mean
+
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+                value = draw(p.shape, 0.1, 1.0) if name == "weight" else draw(p.shape, 0.05)
+            elif name == "gamma":
+                value = torch.rand(p.shape, generator=g) * 0.9 + 0.1
+            elif name == "bias":
+                value = draw(p.shape, 0.05)
+            elif p.ndim >= 2 and name == "weight":
+                fan_in = math.prod(p.shape[1:])
+                value = draw(p.shape, fan_in ** -0.5)
+            else:  # tokens, position embeddings
+                value = draw(p.shape, 0.02)
+            p.copy_(value.to(p.dtype))
+    return model

@@ -1,0 +1,98 @@
+"""ArchSpec is read off the timm model's structure, and refuses what transformers cannot express."""
+
+import pytest
+import timm
+import torch
+
+from deit_port.arch import ArchSpec
+from deit_port.mapping import hf_shapes, timm_shapes
+
+from .util import DEIT_VARIANTS
+
+# (embed_dim, depth, heads, patch, img) from the DeiT and DeiT III papers, by size name.
+PUBLISHED = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "medium": (512, 12, 8),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+def _meta_model(name, **kwargs):
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def test_timm_registers_the_16_deit_architectures():
+    assert len(DEIT_VARIANTS) == 16
+    assert sum(n.startswith("deit3_") for n in DEIT_VARIANTS) == 8
+    assert sum("distilled" in n for n in DEIT_VARIANTS) == 4
+
+
+@pytest.mark.parametrize("variant", DEIT_VARIANTS)
+def test_spec_matches_the_papers(variant):
+    spec = ArchSpec.from_timm(_meta_model(variant))
+    size = next(s for s in PUBLISHED if f"_{s}_" in variant)
+    assert (spec.embed_dim, spec.depth, spec.num_heads) == PUBLISHED[size]
+    assert spec.mlp_hidden == 4 * spec.embed_dim
+    assert spec.patch_size == (14 if "patch14" in variant else 16)
+    assert spec.img_size == (384 if variant.endswith("384") else 224)
+    assert spec.num_classes == 1000
+    assert spec.distilled == ("distilled" in variant)
+    # DeiT III: layer scale, position embedding without class-token row
+    assert spec.layer_scale == spec.no_embed_class == variant.startswith("deit3")
+    assert spec.eps == 1e-6 and spec.qkv_bias
+
+
+@pytest.mark.parametrize("variant", DEIT_VARIANTS)
+def test_every_timm_key_and_shape_is_planned(variant):
+    """The mapping's view of the timm state dict is exactly timm's own, key for key, shape for shape."""
+    model = _meta_model(variant)
+    spec = ArchSpec.from_timm(model)
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert timm_shapes(spec) == actual
+
+
+def test_spec_follows_custom_settings():
+    spec = ArchSpec.from_timm(_meta_model("deit_small_patch16_224", num_classes=37, img_size=160))
+    assert (spec.num_classes, spec.img_size, spec.num_patches) == (37, 160, 100)
+    spec = ArchSpec.from_timm(_meta_model("deit_tiny_distilled_patch16_224", num_classes=0))
+    assert spec.num_classes == 0 and spec.distilled
+    # the HF side always has a position row per prefix token
+    assert hf_shapes(spec)["embeddings.position_embeddings"] == (1, 196 + 2, 192)
+
+
+@pytest.mark.parametrize(
+    "kwargs, feature",
+    [
+        ({"reg_tokens": 4}, "register tokens"),
+        ({"class_token": False, "global_pool": "avg"}, "class token"),
+        ({"global_pool": "avg"}, "global_pool"),
+        ({"fc_norm": True}, "fc_norm"),
+        ({"qk_norm": True}, "qk-norm"),
+        ({"pre_norm": True}, "norm_pre"),
+        ({"act_layer": "relu"}, "non-GELU"),
+        ({"scale_mlp_norm": True}, "MLP scale norm"),
+        ({"scale_attn_norm": True}, "attention scale norm"),
+        ({"dynamic_img_size": True}, "dynamic_img_size"),
+        ({"global_pool": "map"}, "global_pool"),
+        ({"final_norm": False}, "final norm"),
+    ],
+)
+def test_unsupported_structures_are_refused_by_name(kwargs, feature):
+    model = _meta_model("deit_tiny_patch16_224", **kwargs)
+    with pytest.raises(ValueError, match=feature):
+        ArchSpec.from_timm(model)
+
+
+def test_non_vit_model_is_refused():
+    with pytest.raises(TypeError, match="not a timm VisionTransformer"):
+        ArchSpec.from_timm(_meta_model("resnet18"))
+
+
+def test_spec_is_frozen():
+    spec = ArchSpec.from_timm(_meta_model("deit_tiny_patch16_224"))
+    with pytest.raises(AttributeError):
+        spec.depth = 3

@@ -1,0 +1,121 @@
+"""The command line: exit codes, one-line errors, nothing written on failure."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import deit_port.convert
+from deit_port import cli
+from deit_port.mapping import timm_to_hf
+
+TINY = "deit_tiny_patch16_224"
+TINY_ARGS = ["--init", "random", "--seed", "1"]
+
+
+def _run(*args, env=None):
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_convert_random_writes_a_loadable_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["convert", TINY, str(out), *TINY_ARGS]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["ViTForImageClassification"]
+    assert config["layer_norm_eps"] == 1e-6
+    assert config["id2label"]["0"] == "tench, Tinca tinca"
+    assert "parity PASS" in capsys.readouterr().out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp folder left"
+
+
+def test_distilled_config_names_the_teacher_class(tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["convert", "deit_tiny_distilled_patch16_224", str(out), *TINY_ARGS]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DeiTForImageClassificationWithTeacher"]
+
+
+def test_non_empty_output_is_refused_and_left_alone(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(["convert", TINY, str(out), *TINY_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_overwrite_replaces_the_whole_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-00001-of-00009.safetensors").write_text("stale shard")
+    assert cli.main(["convert", TINY, str(out), *TINY_ARGS, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_unknown_model_suggests_names(capsys, tmp_path):
+    assert cli.main(["convert", "deit_tiny_patch16_244", str(tmp_path / "o"), *TINY_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "unknown timm model" in err and "deit_tiny_patch16_224" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_deit_model_is_refused(capsys, tmp_path):
+    assert cli.main(["convert", "resnet18", str(tmp_path / "o"), *TINY_ARGS]) == 2
+    assert "not a timm VisionTransformer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    def swapped_norms(state_dict, spec):
+        sd = timm_to_hf(state_dict, spec)
+        a, b = "vit.encoder.layer.0.layernorm_before.weight", "vit.encoder.layer.0.layernorm_after.weight"
+        sd[a], sd[b] = sd[b], sd[a]
+        return sd
+
+    monkeypatch.setattr(deit_port.convert, "timm_to_hf", swapped_norms)
+    out = tmp_path / "out"
+    assert cli.main(["convert", TINY, str(out), *TINY_ARGS]) == 1
+    assert "parity FAIL" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pretrained_offline_fails_clearly_without_fallback(tmp_path):
+    out = tmp_path / "out"
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    r = _run("-m", "deit_port.cli", "convert", TINY, str(out), env=env)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("deit-port: error: pretrained weights for deit_tiny_patch16_224")
+    assert "--init random" in last
+    assert not out.exists()
+
+
+def test_seed_interface_runs_as_a_module(tmp_path):
+    out = tmp_path / "out"
+    r = _run(
+        "-m", "deit_port.convert", "--deit_name", "vit_deit_tiny_distilled_patch16_224",
+        "--pytorch_dump_folder_path", str(out), "--init", "random",
+    )
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file()
+    assert "parity PASS" in r.stdout
+
+
+def test_list_prints_every_deit_name(capsys):
+    assert cli.main(["list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert len(names) == 16 and "deit3_huge_patch14_224" in names
+
+
+@pytest.mark.parametrize("argv", [[], ["convert"], ["convert", TINY]])
+def test_usage_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
