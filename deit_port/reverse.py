@@ -1,0 +1,377 @@
+"""Reverse conversion: a transformers ViT/DeiT folder back to a timm safetensors checkpoint.
+
+The folder's `config.json` gives the architecture (`ArchSpec.from_hf_config`); its weights are
+read from the safetensors files themselves, in the hub key format (transformers 5 renames keys
+in memory, so `model.state_dict()` would not do); `hf_to_timm` maps them; the checkpoint is
+written beside its final name, loaded back exactly as a user would load it,
+
+    timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
+
+compared with the transformers model (`check_parity`), and only then moved into place.
+
+A transformers model has no layer scale and always embeds the class token's position, so it
+is an exact plain DeiT. Written for a DeiT III name (`--model deit3_...`), the gammas are ones
+with the scale kept in the weights, and the class-token rows of the position embedding must be
+zero (they are, for a folder `deit-port convert` wrote from a DeiT III).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec
+from .io import OutputError, load_hf_folder
+from .mapping import hf_to_timm
+from .parity import DEFAULT_ATOL, ParityReport, check_parity, parity_inputs
+
+__all__ = [
+    "ReverseResult",
+    "TimmTarget",
+    "check_output_file",
+    "convert_hf_folder",
+    "read_hf_folder",
+    "timm_target",
+]
+
+logger = logging.getLogger(__name__)
+
+_SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
+# Settings a timm name's architecture may differ in and still be the model meant:
+# a transformers model cannot say whether it was a DeiT III.
+_FREE_FIELDS = frozenset({"layer_scale", "no_embed_class"})
+# Settings every timm name takes as kwargs without becoming another model.
+_KWARG_FIELDS = frozenset({"num_classes", "img_size", "in_chans"})
+
+
+@dataclass(frozen=True)
+class TimmTarget:
+    """What the checkpoint is written for: a timm name, the kwargs it is created with, the spec.
+
+    Example:
+        >>> target = timm_target(spec)
+        >>> target.name, target.kwargs
+        ('deit_tiny_patch16_224', {'num_classes': 10})
+    """
+
+    name: str
+    kwargs: dict
+    spec: ArchSpec
+
+    def create(self, file: str | os.PathLike | None = None) -> nn.Module:
+        """The timm model in eval mode; with `file`, through timm's pretrained loading of it."""
+        import timm
+
+        if file is None:
+            return timm.create_model(self.name, pretrained=False, **self.kwargs).eval()
+        return timm.create_model(
+            self.name, pretrained=True, pretrained_cfg_overlay=self.overlay(file), **self.kwargs
+        ).eval()
+
+    def overlay(self, file: str | os.PathLike) -> dict:
+        """The `pretrained_cfg_overlay` that loads `file`, with the classifier size when it
+        differs from the name's (timm would drop the head otherwise)."""
+        overlay = {"file": str(file)}
+        if "num_classes" in self.kwargs:
+            overlay["num_classes"] = self.kwargs["num_classes"]
+        return overlay
+
+    def load_hint(self, file: str | os.PathLike) -> str:
+        """The Python line that loads the written checkpoint."""
+        args = [repr(self.name), "pretrained=True", f"pretrained_cfg_overlay={self.overlay(file)!r}"]
+        args += [f"{k}={_hint_value(v)}" for k, v in self.kwargs.items()]
+        return f"timm.create_model({', '.join(args)})"
+
+
+@dataclass(frozen=True)
+class ReverseResult:
+    """The outcome of `convert_hf_folder`."""
+
+    output: Path
+    target: TimmTarget
+    report: ParityReport
+
+
+def read_hf_folder(folder: str | os.PathLike) -> tuple[object, dict[str, torch.Tensor], ArchSpec]:
+    """Read a transformers ViT/DeiT folder: its config, its hub-format weights, its spec.
+
+    Args:
+        folder: holds `config.json` and `model.safetensors` (or shards with
+            `model.safetensors.index.json`), as `save_pretrained` writes them.
+
+    Returns:
+        `(config, state_dict, spec)`; a folder without the `vit.`/`deit.` prefix (a
+        `ViTModel`/`DeiTModel`) is a base model, `spec.num_classes == 0`.
+
+    Raises:
+        ValueError: not a folder, no safetensors weights, not a ViT/DeiT, or a setting timm's
+            DeiT does not have (non-GELU activation, non-square images).
+
+    Example:
+        >>> config, state_dict, spec = read_hf_folder("deit-tiny-hf")
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json: not a transformers model folder")
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in ("vit", "deit"):
+        raise ValueError(
+            f"{folder} holds a {config.model_type!r} model; only ViT and DeiT convert to timm DeiT"
+        )
+    if config.hidden_act != "gelu":
+        raise ValueError(f"hidden_act {config.hidden_act!r} is not timm DeiT's exact GELU")
+
+    if (folder / _INDEX).is_file():
+        weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (folder / _SINGLE).is_file():
+        files = [_SINGLE]
+    else:
+        raise ValueError(f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read")
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in files:
+        state_dict.update(load_file(folder / name))
+
+    prefix = "deit." if config.model_type == "deit" else "vit."
+    base_model = not any(k.startswith(prefix) for k in state_dict)
+    spec = ArchSpec.from_hf_config(config, base_model=base_model)
+    logger.info("read %s: %d tensors, %s", folder, len(state_dict), spec)
+    return config, state_dict, spec
+
+
+def timm_target(spec: ArchSpec, model: str | None = None) -> TimmTarget:
+    """The timm model a transformers model of `spec` is written for.
+
+    Args:
+        spec: the transformers model's spec (`read_hf_folder`).
+        model: a timm name; its architecture must be `spec`'s, up to the classifier size,
+            resolution and input channels, which are passed as kwargs (a DeiT III name is
+            accepted for a plain spec). Default: the registered DeiT whose architecture is
+            `spec` with the fewest kwargs; failing that, DeiT tiny (distilled or not) with
+            every setting passed as a kwarg.
+
+    Raises:
+        ValueError: `model` is unknown or has another architecture (the differences named).
+    """
+    from .source import resolve_model_name, supported_models
+
+    if model is not None:
+        name = resolve_model_name(model)
+        diff = _differences(_default_spec(name), spec, ignore=_FREE_FIELDS | _KWARG_FIELDS)
+        if diff:
+            raise ValueError(f"timm model {name} is another architecture: {diff}")
+        return _target_for(name, spec, ignore=_FREE_FIELDS)
+    names = [
+        n for n in supported_models() if not _differences(_default_spec(n), spec, _KWARG_FIELDS)
+    ]
+    if names:
+        targets = [_target_for(n, spec) for n in names]
+        return min(targets, key=lambda t: (len(t.kwargs), t.name))
+    name = "deit_tiny_distilled_patch16_224" if spec.distilled else "deit_tiny_patch16_224"
+    return _target_for(name, spec, full=True)
+
+
+@functools.cache
+def _default_spec(name: str) -> ArchSpec:
+    import timm
+
+    with torch.device("meta"):
+        return ArchSpec.from_timm(timm.create_model(name, pretrained=False))
+
+
+def _target_for(
+    name: str, spec: ArchSpec, full: bool = False, ignore: frozenset[str] = frozenset()
+) -> TimmTarget:
+    """`name` with the kwargs that make it `spec` (with `full`, every architecture setting);
+    checked on a meta-device build."""
+    import timm
+
+    default = _default_spec(name)
+    kwargs: dict = {}
+    if full:
+        kwargs = {
+            "embed_dim": spec.embed_dim,
+            "depth": spec.depth,
+            "num_heads": spec.num_heads,
+            "mlp_ratio": _mlp_ratio(spec.embed_dim, spec.mlp_hidden),
+            "patch_size": spec.patch_size,
+            "qkv_bias": spec.qkv_bias,
+        }
+        if spec.eps != default.eps:
+            from timm.layers import LayerNorm
+
+            kwargs["norm_layer"] = functools.partial(LayerNorm, eps=spec.eps)
+    for key in sorted(_KWARG_FIELDS):
+        if full or getattr(spec, key) != getattr(default, key):
+            kwargs[key] = getattr(spec, key)
+    with torch.device("meta"):
+        own = ArchSpec.from_timm(timm.create_model(name, pretrained=False, **kwargs))
+    diff = _differences(own, spec, ignore=ignore)
+    if diff:
+        raise ValueError(f"timm cannot express this model as {name}: {diff}")
+    return TimmTarget(name, kwargs, own)
+
+
+def _mlp_ratio(embed_dim: int, mlp_hidden: int) -> float:
+    """The float timm multiplies back to exactly `mlp_hidden` (`int(embed_dim * ratio)`)."""
+    ratio = mlp_hidden / embed_dim
+    while int(embed_dim * ratio) < mlp_hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def _differences(actual: ArchSpec, expected: ArchSpec, ignore: frozenset[str] = frozenset()) -> str:
+    return ", ".join(
+        f"{f.name} {getattr(actual, f.name)} (the folder has {getattr(expected, f.name)})"
+        for f in dataclasses.fields(ArchSpec)
+        if f.name not in ignore and getattr(actual, f.name) != getattr(expected, f.name)
+    )
+
+
+def _hint_value(value) -> str:
+    if isinstance(value, functools.partial):
+        kw = ", ".join(f"{k}={v!r}" for k, v in value.keywords.items())
+        return f"functools.partial({value.func.__module__}.{value.func.__qualname__}, {kw})"
+    return repr(value)
+
+
+def check_output_file(output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that `output` can be written, before any work is done.
+
+    Raises:
+        OutputError: not a `.safetensors` name (timm reads other extensions as pickles), a
+            folder, or an existing file without `overwrite`.
+    """
+    out = Path(output).absolute()
+    if out.suffix != ".safetensors":
+        raise OutputError(
+            f"output {out.name} must end in .safetensors (timm loads other names with torch.load)"
+        )
+    if out.is_dir():
+        raise OutputError(f"output {out} is a folder; give a file path")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output file {out} exists; pass --overwrite to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def _atomic_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary `.safetensors` path beside `out`; `os.replace` it into place on
+    success, remove it on any exception (`out` is then left as it was)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot write beside {out}: {e.strerror or e}") from e
+    # a fresh name, created by the writer with the usual permissions (mkstemp would give 0600)
+    tmp = out.parent / f".{out.stem}.{os.getpid()}.{secrets.token_hex(4)}.partial.safetensors"
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def convert_hf_folder(
+    hf_dir: str | os.PathLike,
+    output_file: str | os.PathLike,
+    model: str | None = None,
+    *,
+    overwrite: bool = False,
+    atol: float = DEFAULT_ATOL,
+) -> ReverseResult:
+    """Write a transformers ViT/DeiT folder as a timm safetensors checkpoint, parity checked.
+
+    The checkpoint is written beside `output_file`, loaded back through
+    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": ...})`, checked
+    to hold exactly the converted tensors, compared with the transformers model loaded from
+    `hf_dir`, and only then moved into place.
+
+    Args:
+        hf_dir: the transformers folder.
+        output_file: the `.safetensors` file to write.
+        model: the timm name to write for (see `timm_target`); default: found from the config.
+        overwrite: replace an existing `output_file`.
+        atol: the parity contract.
+
+    Returns:
+        A `ReverseResult`: the output path, the timm target, the parity report.
+
+    Raises:
+        ParityError: the check failed; nothing was written.
+        OutputError, KeyMismatchError, ValueError: bad input; nothing was written.
+
+    Example:
+        >>> result = convert_hf_folder("deit-tiny-hf", "deit_tiny.safetensors")
+        >>> result.target.load_hint(result.output)
+    """
+    from safetensors.torch import save_file
+
+    from .convert import ParityError  # here: convert may come to import this module
+
+    out = check_output_file(output_file, overwrite)
+    _, hf_state_dict, spec = read_hf_folder(hf_dir)
+    target = timm_target(spec, model)
+    logger.info("writing for timm %s %s", target.name, target.kwargs)
+    state_dict = hf_to_timm(hf_state_dict, target.spec)
+    # safetensors writes whole tensors: copy the views of part of a storage (split pos_embed).
+    state_dict = {k: v.contiguous() if _owns_storage(v) else v.clone() for k, v in state_dict.items()}
+    with _atomic_file(out) as tmp:
+        save_file(state_dict, tmp, metadata={"format": "pt"})
+        _umask_permissions(tmp)  # safetensors creates its files 0600
+        timm_model = target.create(tmp)
+        _check_loaded(timm_model, state_dict)
+        hf_model = load_hf_folder(hf_dir, spec).float()  # timm computes in float32 too
+        if spec.in_chans == 3:
+            inputs = parity_inputs(timm_model)
+        else:  # timm's image transform makes RGB
+            size = (4, spec.in_chans, spec.img_size, spec.img_size)
+            inputs = torch.randn(size, generator=torch.Generator().manual_seed(0))
+        report = check_parity(timm_model, hf_model, inputs, atol=atol)
+        logger.info(report.summary())
+        if not report.passed:
+            raise ParityError(report)
+    return ReverseResult(out, target, report)
+
+
+def _umask_permissions(path: Path) -> None:
+    """Give `path` the permissions a plain `open(path, "w")` would (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    storage = t.untyped_storage()
+    return t.data_ptr() == storage.data_ptr() and t.numel() * t.element_size() == storage.nbytes()
+
+
+def _check_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """timm loads non-strictly in places (a classifier of another size is dropped): make sure
+    the model holds exactly the written tensors."""
+    from .mapping import KeyMismatchError
+
+    loaded = model.state_dict()
+    if set(loaded) != set(state_dict):
+        raise KeyMismatchError(
+            "loaded timm", sorted(set(state_dict) - set(loaded)), sorted(set(loaded) - set(state_dict))
+        )
+    for key, value in state_dict.items():
+        if not torch.equal(loaded[key], value.to(loaded[key].dtype)):
+            raise ValueError(f"timm did not load {key} as written (did it resample or drop it?)")
