@@ -164,7 +164,7 @@ class ArchSpec:
             mlp = blk.mlp
             if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
                 raise refuse(where + f"MLP type {type(mlp).__name__}")
-            if type(mlp.act) is not nn.GELU or mlp.act.approximate != "none":
+            if not _is_exact_gelu(mlp.act):
                 raise refuse(where + f"non-GELU MLP activation {mlp.act!r}")
             if not isinstance(mlp.norm, nn.Identity):
                 raise refuse(where + "MLP scale norm")
@@ -223,6 +223,16 @@ class ArchSpec:
             qkv_bias=getattr(config, "qkv_bias", True),
             eps=config.layer_norm_eps,
         )
+
+
+def _is_exact_gelu(module: nn.Module) -> bool:
+    """torch's GELU without tanh approximation, or timm's `GELU` (`act_layer="gelu"`): the
+    erf GELU that transformers' `hidden_act="gelu"` computes."""
+    from timm.layers.activations import GELU as TimmGELU
+
+    if type(module) is nn.GELU:
+        return module.approximate == "none"
+    return type(module) is TimmGELU
 
 
 def _is_layernorm(module: nn.Module) -> bool:

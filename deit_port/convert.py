@@ -14,13 +14,25 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import torch
+from PIL import Image
 from torch import nn
 
 from .arch import ArchSpec
+from .card import write_model_card
+from .checkpoint import CheckpointError, load_timm_model, read_labels
 from .hf_config import build_config, hf_model_class, imagenet_labels
-from .io import OutputError, atomic_folder, load_hf_folder, load_hf_state_dict, save_hf_folder
+from .io import (
+    OutputError,
+    atomic_folder,
+    check_output_dir,
+    load_hf_folder,
+    load_hf_state_dict,
+    save_hf_folder,
+)
 from .mapping import (
     KeyMismatchError,
     create_rename_keys,
@@ -33,18 +45,29 @@ from .mapping import (
     split_qkv,
     timm_to_hf,
 )
-from .parity import DEFAULT_ATOL, ParityReport, check_parity, parity_inputs
+from .parity import DEFAULT_ATOL, ParityReport, check_parity, parity_inputs, synthetic_image
+from .preprocess import (
+    PreprocessingError,
+    PreprocessReport,
+    compare_preprocessing,
+    save_preprocessor,
+)
 from .source import WeightsUnavailableError, create_timm_model, randomize_, resolve_model_name
 
 __all__ = [
+    "DTYPE_ATOL",
     "ArchSpec",
+    "CheckpointError",
     "KeyMismatchError",
     "OutputError",
     "ParityError",
     "ParityReport",
+    "PreprocessReport",
+    "PreprocessingError",
     "WeightsUnavailableError",
     "build_config",
     "check_parity",
+    "compare_preprocessing",
     "convert_deit_checkpoint",
     "convert_timm_model",
     "create_rename_keys",
@@ -52,18 +75,30 @@ __all__ = [
     "hf_model_class",
     "hf_to_timm",
     "imagenet_labels",
+    "load_timm_model",
     "merge_qkv",
     "qkv_pairs",
     "randomize_",
     "read_in_q_k_v",
+    "read_labels",
     "rename_key",
     "rename_pairs",
     "resolve_model_name",
+    "save_preprocessor",
     "split_qkv",
     "timm_to_hf",
+    "verify_hf_folder",
 ]
 
 logger = logging.getLogger(__name__)
+
+# The parity tolerance (max |logit diff| vs timm in float32) of a folder written in each dtype,
+# loaded back as float32. float16/bfloat16 round every weight (relative 2**-11 / 2**-8): on the
+# fast variants with seeded random weights that moved logits by up to 3.3e-3 / 3.3e-2 (measured,
+# see README); trained models have larger logits, hence the margin. The conversion itself is
+# checked in float32 at DEFAULT_ATOL before the cast.
+DTYPE_ATOL = {"float32": DEFAULT_ATOL, "float16": 5e-2, "bfloat16": 5e-1}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ParityError(RuntimeError):
@@ -103,66 +138,248 @@ def convert_deit_checkpoint(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     verify: bool = True,
-    atol: float = DEFAULT_ATOL,
+    atol: float | None = None,
+    images: Sequence[Image.Image] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    ema: bool | None = None,
+    dtype: str = "float32",
+    progress: Callable[[str], None] | None = None,
 ) -> ParityReport | None:
     """Convert the timm model `deit_name` and write a transformers folder, parity checked.
 
-    The folder is built beside `pytorch_dump_folder_path` and moved into place only after the
-    written folder, loaded back with `from_pretrained`, matched the timm model.
+    The folder (config, safetensors weights, image processor, model card `README.md`) is built
+    beside `pytorch_dump_folder_path` and moved into place only after the written folder,
+    loaded back with `from_pretrained`, matched the timm model.
 
     Args:
-        deit_name: a timm DeiT name (tags and legacy `vit_deit_*` names accepted).
+        deit_name: a timm model name (tags and legacy `vit_deit_*` names accepted).
         pytorch_dump_folder_path: the output folder; must be absent or empty unless `overwrite`.
-        init: `pretrained` (timm's weights) or `random` (seeded, see `randomize_`).
+        init: `pretrained` (timm's weights) or `random` (seeded, see `randomize_`); not used
+            with `checkpoint`.
         seed: seed for `random`.
         model_kwargs: passed to `timm.create_model` (e.g. `num_classes`, `img_size`).
         labels: class names.
         max_shard_size: safetensors shard size.
         overwrite: replace an existing folder.
         verify: run the parity check (else return None).
-        atol: the parity contract.
+        atol: the parity contract (default: `DTYPE_ATOL[dtype]`).
+        images: more images for the parity batch (any mode; added to the synthetic one). The
+            written `preprocessor_config.json` is also checked against timm's transform on them.
+        checkpoint: a checkpoint file with the weights (see `deit_port.checkpoint`).
+        ema: with `checkpoint`: True for its EMA weights, False for the plain ones, None for
+            whichever it has (an error if both).
+        dtype: `float32`, `float16` or `bfloat16`: the written weights. For the other two the
+            conversion is checked in float32 first, then the written folder at `DTYPE_ATOL`.
+        progress: called with the name of each long step as it starts (`loading`, `writing`,
+            `verifying`).
 
     Returns:
-        The `ParityReport` (None without `verify`).
+        The `ParityReport` of the written folder (None without `verify`).
 
     Raises:
         ParityError: the check failed; nothing was written.
-        OutputError, WeightsUnavailableError, ValueError: bad input; nothing was written.
+        PreprocessingError: the written image processor does not reproduce timm's eval
+            transform (`compare_preprocessing`); nothing was written.
+        OutputError, CheckpointError, WeightsUnavailableError, ValueError: bad input; nothing
+            was written.
+
+    Example:
+        >>> convert_deit_checkpoint("deit_small_patch16_224", "out", checkpoint="ckpt.pth", ema=False)
     """
-    timm_model = create_timm_model(deit_name, init=init, seed=seed, **(model_kwargs or {}))
+    step = progress or _no_progress
+    dtype_name, cast = _dtype(dtype)
+    atol = DTYPE_ATOL[dtype_name] if atol is None else atol
+    check_output_dir(pytorch_dump_folder_path, overwrite, _protected(checkpoint))
+    step("loading")
+    timm_model, source = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
     spec = ArchSpec.from_timm(timm_model)
     state_dict = timm_to_hf(timm_model.state_dict(), spec)
     config = build_config(spec, labels)
+    batch = [synthetic_image(0), *(images or [])]
+    inputs = parity_inputs(timm_model, images=batch) if verify else None
+    exact = None
+    if cast is not torch.float32:
+        if verify:
+            step("verifying in float32")
+            exact = check_parity(
+                timm_model, load_hf_state_dict(state_dict, config, spec), inputs, atol=DEFAULT_ATOL
+            )
+            logger.info("before the cast to %s: %s", dtype_name, exact.summary())
+            if not exact.passed:
+                raise ParityError(exact)
+        state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
+        setattr(config, _dtype_key(), dtype_name)
     report = None
-    with atomic_folder(pytorch_dump_folder_path, overwrite=overwrite) as tmp:
+    protect = _protected(checkpoint)
+    with atomic_folder(pytorch_dump_folder_path, overwrite=overwrite, protect=protect) as tmp:
+        step("writing")
         logger.info("writing %s", pytorch_dump_folder_path)
         save_hf_folder(tmp, state_dict, config, max_shard_size=max_shard_size)
+        save_preprocessor(tmp, timm_model)
         if verify:
+            step("verifying")
             logger.info("verifying parity")
-            hf_model = load_hf_folder(tmp, spec)
-            report = check_parity(timm_model, hf_model, parity_inputs(timm_model), atol=atol)
+            preprocessing = compare_preprocessing(tmp, timm_model, batch)
+            logger.info(preprocessing.summary())
+            if not preprocessing.matches:
+                raise PreprocessingError(preprocessing)
+            hf_model = load_hf_folder(tmp, spec, **_float32())
+            report = check_parity(timm_model, hf_model, inputs, atol=atol)
             logger.info(report.summary())
             if not report.passed:
                 raise ParityError(report)
+        write_model_card(
+            tmp,
+            timm_name=resolve_model_name(deit_name),
+            spec=spec,
+            source=source,
+            dtype=dtype_name,
+            report=report,
+            inputs=_describe_inputs(len(batch), 0 if inputs is None else len(inputs)),
+            exact_report=exact,
+            labels=[config.id2label[i] for i in range(spec.num_classes)],
+        )
     return report
+
+
+def verify_hf_folder(
+    hf_dir: str | os.PathLike,
+    deit_name: str,
+    *,
+    init: str = "pretrained",
+    seed: int = 0,
+    model_kwargs: dict | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    ema: bool | None = None,
+    atol: float | None = None,
+    images: Sequence[Image.Image] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ParityReport:
+    """Check an existing transformers folder (ours or the hub's) against a timm model.
+
+    The folder is loaded strictly into the class of the timm model's architecture, in float32;
+    the tolerance follows the dtype its `config.json` records (`DTYPE_ATOL`).
+
+    Args:
+        hf_dir: the transformers folder (local).
+        deit_name, init, seed, model_kwargs, checkpoint, ema: the timm model, as for
+            `convert_deit_checkpoint`.
+        atol: the tolerance (default: `DTYPE_ATOL` of the folder's dtype).
+        images: more images for the parity batch.
+        progress: called with `loading`, `verifying`.
+
+    Returns:
+        The `ParityReport`; `passed` says whether it matched.
+
+    Raises:
+        OutputError: `hf_dir` is not a model folder.
+        KeyMismatchError: its weights are not those of the timm model's architecture.
+        CheckpointError, WeightsUnavailableError, ValueError: bad input.
+
+    Example:
+        >>> verify_hf_folder("deit-tiny-hf", "deit_tiny_patch16_224").passed
+        True
+    """
+    step = progress or _no_progress
+    folder = Path(hf_dir)
+    if not (folder / "config.json").is_file():
+        raise OutputError(f"{folder} is not a transformers model folder (no config.json)")
+    step("loading")
+    timm_model, _ = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
+    spec = ArchSpec.from_timm(timm_model)
+    if atol is None:
+        atol = DTYPE_ATOL.get(_folder_dtype(folder), DEFAULT_ATOL)
+    step("verifying")
+    hf_model = load_hf_folder(folder, spec, **_float32())
+    inputs = parity_inputs(timm_model, images=[synthetic_image(0), *(images or [])])
+    return check_parity(timm_model, hf_model, inputs, atol=atol)
+
+
+def _no_progress(step: str) -> None:
+    pass
+
+
+def _dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
+    return name, _DTYPES[name]
+
+
+def _protected(checkpoint) -> tuple:
+    return () if checkpoint is None else (checkpoint,)
+
+
+def _dtype_key() -> str:
+    """transformers 5 calls it `dtype` (in configs and `from_pretrained`), 4.x `torch_dtype`."""
+    import transformers
+
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def _float32() -> dict:
+    """`from_pretrained` keywords that load in float32 (transformers 5 loads the saved dtype)."""
+    return {_dtype_key(): torch.float32}
+
+
+def _folder_dtype(folder: Path) -> str:
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise OutputError(f"{folder}/config.json cannot be read: {e}") from e
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema) -> tuple[nn.Module, str]:
+    """The timm model and where its weights came from, in words (for the model card)."""
+    kwargs = model_kwargs or {}
+    if checkpoint is not None:
+        model, ckpt = load_timm_model(deit_name, checkpoint, ema=ema, **kwargs)
+        return model, ckpt.describe()
+    if ema is not None:
+        raise ValueError("--ema/--no-ema choose weights inside a --checkpoint; give one")
+    model = create_timm_model(deit_name, init=init, seed=seed, **kwargs)
+    if init == "random":
+        return model, f"seeded random weights (seed {seed}), not a trained model"
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    where = cfg.get("hf_hub_id") or cfg.get("url") or resolve_model_name(deit_name)
+    return model, f"timm's pretrained weights ({where})"
+
+
+def _describe_inputs(images: int, total: int) -> str:
+    noise = total - images
+    return (
+        f"{total} inputs: {images} image{'s' if images > 1 else ''} (a synthetic test image"
+        f"{' and your own' if images > 1 else ''}) through timm's eval transform, and {noise} "
+        "N(0, 1) tensors"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m deit_port.convert`: the interface of transformers' conversion script."""
     import argparse
 
-    from .cli import run_convert
+    from .cli import add_output_options, add_source_options, run_convert
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deit_name", required=True, help="timm model name")
     parser.add_argument("--pytorch_dump_folder_path", required=True, help="output folder")
-    parser.add_argument("--init", choices=["pretrained", "random"], default="pretrained")
-    parser.add_argument("--seed", type=int, default=0)
+    add_source_options(parser)
+    add_output_options(parser)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.ERROR if args.quiet else logging.INFO, format="deit-port: %(message)s"
+    )
+    model_kwargs = {k: v for k in ("num_classes", "img_size") if (v := getattr(args, k)) is not None}
     return run_convert(
         args.deit_name, args.pytorch_dump_folder_path,
-        init=args.init, seed=args.seed, overwrite=args.overwrite,
+        init=args.init, seed=args.seed, overwrite=args.overwrite, checkpoint=args.checkpoint,
+        ema=args.ema, model_kwargs=model_kwargs, labels_file=args.labels, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, quiet=args.quiet,
     )
 
 

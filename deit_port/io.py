@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -16,7 +18,14 @@ from .arch import ArchSpec
 from .hf_config import hf_model_class
 from .mapping import KeyMismatchError
 
-__all__ = ["OutputError", "atomic_folder", "load_hf_folder", "load_hf_state_dict", "save_hf_folder"]
+__all__ = [
+    "OutputError",
+    "atomic_folder",
+    "check_output_dir",
+    "load_hf_folder",
+    "load_hf_state_dict",
+    "save_hf_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -25,31 +34,84 @@ class OutputError(ValueError):
     """The output folder cannot be written as asked."""
 
 
-@contextlib.contextmanager
-def atomic_folder(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `output_dir`; move it into place on success.
+def check_output_dir(
+    output_dir: str | os.PathLike, overwrite: bool = False, protect: Sequence[str | os.PathLike] = ()
+) -> Path:
+    """Check that `output_dir` can be (re)written as a whole, before any work is done.
 
-    On any exception (including a parity failure raised inside the block, or KeyboardInterrupt)
-    the temporary folder is removed and `output_dir` is left as it was. With `overwrite`, an
-    existing `output_dir` is replaced as a whole, so no stale shard or index survives.
+    Args:
+        output_dir: the folder to write.
+        overwrite: an existing non-empty folder may be replaced.
+        protect: files that must survive (the checkpoint being converted): the output may be
+            neither one of them nor a folder holding one.
+
+    Returns:
+        The absolute output path.
 
     Raises:
-        OutputError: `output_dir` is a file, or a non-empty folder without `overwrite`.
+        OutputError: `output_dir` is a file, is or holds a protected file, a non-empty folder
+            without `overwrite`, or lies under a file.
     """
     out = Path(output_dir).absolute()
+    real = out.resolve()
+    for keep in protect:
+        keep = Path(keep).resolve()
+        if keep == real:
+            raise OutputError(f"output {out} is the checkpoint itself; give another output folder")
+        if real in keep.parents:
+            raise OutputError(
+                f"output folder {out} holds the checkpoint {keep}, which writing it would "
+                "delete; give another output folder"
+            )
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} is an existing file; give a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"cannot write {out}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):  # root passes; mkdtemp then fails
+                raise OutputError(f"cannot write {out}: no permission to write in {parent}")
+            break
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    protect: Sequence[str | os.PathLike] = (),
+) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `output_dir`; move it into place on success.
+
+    On any exception (including a parity failure raised inside the block, or KeyboardInterrupt)
+    the temporary folder is removed and `output_dir` is left as it was. With `overwrite`, an
+    existing `output_dir` is replaced as a whole, so no stale shard or index survives. A process
+    killed mid-write leaves only a hidden `.NAME.PID.*.partial` folder, never `output_dir`;
+    the next run removes such leftovers of dead processes.
+
+    Raises:
+        OutputError: as `check_output_dir`; or the folder cannot be written (no permission,
+            disk full, ...): the message gives the reason, nothing is left behind.
+    """
+    with contextlib.suppress(OSError):  # before the check: an earlier output may come back
+        _remove_stale(Path(output_dir).absolute())
+    out = check_output_dir(output_dir, overwrite, protect)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent)
+        )
     except OSError as e:
-        raise OutputError(f"cannot write beside {out}: {e.strerror or e}") from e
+        raise OutputError(f"cannot write beside {out}: {_why(e)}") from e
     try:
         yield tmp
+        _publish_permissions(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".old", dir=out.parent)
+            )
             os.rename(out, old / "x")  # move aside; restored if the next rename fails
             try:
                 os.rename(tmp, out)
@@ -60,8 +122,58 @@ def atomic_folder(output_dir: str | os.PathLike, overwrite: bool = False) -> Ite
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+    except OSError as e:
+        raise OutputError(
+            f"writing {out} failed: {_why(e)}; nothing was written"
+            + (", the earlier folder is untouched" if out.exists() else "")
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors 0600 files: give the output the modes a
+    plain `mkdir`/`open` would (0777/0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on device (disk full)"
+    return e.strerror or str(e) or type(e).__name__
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove `.NAME.PID.*.partial` / `.old` folders beside `out` left by dead processes.
+
+    An `.old` folder holds the previous output while it is being replaced: if the process died
+    between the two renames, the previous output is put back."""
+    ours = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.[^.]+\.(partial|old)")
+    for p in out.parent.iterdir():
+        m = ours.fullmatch(p.name)
+        if not m or not p.is_dir() or _alive(int(m.group(1))):
+            continue
+        if p.name.endswith(".old") and (p / "x").is_dir() and not out.exists():
+            logger.warning("restoring %s from an interrupted overwrite", out)
+            os.rename(p / "x", out)
+        logger.info("removing %s, left by an interrupted run", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def save_hf_folder(

@@ -96,3 +96,10 @@ def test_spec_is_frozen():
     spec = ArchSpec.from_timm(_meta_model("deit_tiny_patch16_224"))
     with pytest.raises(AttributeError):
         spec.depth = 3
+
+
+@pytest.mark.parametrize("act_layer", ["gelu", torch.nn.GELU])
+def test_exact_gelu_by_any_name_is_accepted(act_layer):
+    """timm's `act_layer="gelu"` is its own GELU class; it computes the same erf GELU."""
+    spec = ArchSpec.from_timm(_meta_model("deit_tiny_patch16_224", act_layer=act_layer))
+    assert spec.embed_dim == 192

@@ -25,7 +25,9 @@ def _run(*args, env=None):
 def test_convert_random_writes_a_loadable_folder(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["convert", TINY, str(out), *TINY_ARGS]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+    ]
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["ViTForImageClassification"]
     assert config["layer_norm_eps"] == 1e-6
@@ -56,7 +58,9 @@ def test_overwrite_replaces_the_whole_folder(tmp_path):
     out.mkdir()
     (out / "model-00001-of-00009.safetensors").write_text("stale shard")
     assert cli.main(["convert", TINY, str(out), *TINY_ARGS, "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+    ]
 
 
 def test_unknown_model_suggests_names(capsys, tmp_path):
@@ -119,3 +123,16 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2
+
+
+def test_output_gets_ordinary_permissions(tmp_path):
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["convert", TINY, str(out), *TINY_ARGS, "--no-verify", "-q"]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+        p.name: 0o644 for p in out.iterdir()
+    }

@@ -1,6 +1,7 @@
 """Helpers shared by the tests (not part of deit_port)."""
 
 import os
+from functools import partial
 
 import timm
 import torch
@@ -31,3 +32,19 @@ def model_output(model, x):
             return model(x) if model.num_classes else model.forward_features(x)
         out = model(pixel_values=x)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def timm_model_for_spec(spec) -> torch.nn.Module:
+    """An (uninitialised-weights) timm model of the architecture `spec` describes."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    cls = VisionTransformerDistilled if spec.distilled else VisionTransformer
+    return cls(
+        img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans,
+        num_classes=spec.num_classes, embed_dim=spec.embed_dim, depth=spec.depth,
+        num_heads=spec.num_heads, mlp_ratio=spec.mlp_hidden / spec.embed_dim,
+        qkv_bias=spec.qkv_bias, no_embed_class=spec.no_embed_class,
+        init_values=1.0 if spec.layer_scale else None,
+        norm_layer=partial(torch.nn.LayerNorm, eps=spec.eps),
+    )

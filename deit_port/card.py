@@ -1,0 +1,171 @@
+"""The model card: the converted folder's `README.md`, with hub metadata and the parity report.
+
+The YAML front matter is what the Hugging Face hub reads (`library_name`, `pipeline_tag`,
+`tags`); `license` is there but left empty for the person who publishes the weights, who
+alone knows it. The body says where the weights came from and what the parity check measured:
+the inputs, max and mean |diff|, top-1 agreement, the tolerance, and the library versions.
+
+    >>> write_model_card(folder, timm_name="deit_tiny_patch16_224", spec=spec,
+    ...                  source="timm pretrained weights", dtype="float32",
+    ...                  report=report, inputs="1 synthetic image, 3 N(0, 1) tensors")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .arch import ArchSpec
+from .parity import ParityReport
+
+__all__ = ["CARD_FILE", "render_model_card", "write_model_card"]
+
+CARD_FILE = "README.md"
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "transformers": transformers.__version__,
+        "deit_port": __version__,
+    }
+
+
+def _tags(timm_name: str, spec: ArchSpec) -> list[str]:
+    family = timm_name.split("_", 1)[0].split(".", 1)[0]
+    tags = ["timm", "deit" if family.startswith("deit") else "vit"]
+    if family == "deit3":
+        tags.append("deit3")
+    if spec.distilled:
+        tags.append("distillation")
+    tags.append("image-classification" if spec.num_classes else "image-feature-extraction")
+    return tags
+
+
+def _report_rows(report: ParityReport, dtype_note: str) -> list[tuple[str, str]]:
+    top1 = "n/a (hidden states)" if report.top1_agreement is None else f"{report.top1_agreement:.0%}"
+    return [
+        ("compared", f"{report.output}, shape {report.shape_hf} (timm {report.shape_timm})"),
+        ("max abs diff", f"{report.max_abs_diff:.3g}"),
+        ("mean abs diff", f"{report.mean_abs_diff:.3g}"),
+        ("top-1 agreement", top1),
+        ("tolerance", f"max abs diff <= {report.atol:g}{dtype_note}"),
+        ("result", "PASS" if report.passed else "FAIL"),
+    ]
+
+
+def render_model_card(
+    *,
+    timm_name: str,
+    spec: ArchSpec,
+    source: str,
+    dtype: str,
+    report: ParityReport | None,
+    inputs: str,
+    exact_report: ParityReport | None = None,
+    labels: Sequence[str] | None = None,
+) -> str:
+    """The text of the model card.
+
+    Args:
+        timm_name: the timm model name converted (with its tag, if any).
+        spec: its architecture.
+        source: where the weights came from (timm pretrained, a checkpoint file, random).
+        dtype: the dtype of the written weights (`float32`, `float16`, `bfloat16`).
+        report: the parity check of the written folder (None: not verified).
+        inputs: what the parity inputs were, in words.
+        exact_report: for a float16/bfloat16 folder, the float32 check of the same conversion.
+        labels: class names (the first few are listed).
+
+    Returns:
+        Markdown with YAML front matter.
+
+    Example:
+        >>> render_model_card(timm_name="deit_tiny_patch16_224", spec=spec, source="timm",
+        ...                   dtype="float32", report=report, inputs="4 tensors").startswith("---")
+        True
+    """
+    from .hf_config import hf_model_class
+
+    hf_class = hf_model_class(spec).__name__
+    pipeline_tag = "image-classification" if spec.num_classes else "image-feature-extraction"
+    lines = [
+        "---",
+        "# license: the license of the weights you publish; deit_port cannot know it",
+        "# (timm's and facebookresearch/deit's DeiT weights are apache-2.0).",
+        "license:",
+        "library_name: transformers",
+        f"pipeline_tag: {pipeline_tag}",
+        "tags:",
+        *(f"- {t}" for t in _tags(timm_name, spec)),
+        "---",
+        "",
+        f"# {timm_name}",
+        "",
+        f"The timm model `{timm_name}`, converted to transformers' `{hf_class}` by deit_port.",
+        "",
+        f"- weights: {source}",
+        f"- weights dtype: {dtype}",
+        f"- architecture: embed dim {spec.embed_dim}, depth {spec.depth}, {spec.num_heads} heads, "
+        f"patch {spec.patch_size}, image size {spec.img_size}, "
+        f"{spec.num_classes or 'no'} classes" + (", distilled" if spec.distilled else ""),
+    ]
+    if labels:
+        shown = ", ".join(f"`{name}`" for name in list(labels)[:5])
+        lines.append(f"- labels: {shown}" + (", ..." if len(labels) > 5 else ""))
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'classifier = pipeline("{pipeline_tag}", model="path/to/this/folder")',
+        'classifier("image.jpg")',
+        "```",
+        "",
+        "## Parity with timm",
+        "",
+    ]
+    if report is None:
+        lines.append("Not checked: the conversion was run without verification.")
+    else:
+        note = "" if dtype == "float32" else f" ({dtype} weights, loaded as float32)"
+        lines += [
+            (
+                "The written folder, loaded with `from_pretrained`, against the timm model in "
+                f"float32, on {inputs}."
+            ),
+            "",
+            "| | |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in _report_rows(report, note)),
+        ]
+        if exact_report is not None:
+            verdict = "PASS" if exact_report.passed else "FAIL"
+            lines += [
+                "",
+                (
+                    f"Before the cast to {dtype}, the float32 conversion: max abs diff "
+                    f"{exact_report.max_abs_diff:.3g}, mean abs diff "
+                    f"{exact_report.mean_abs_diff:.3g} (tolerance {exact_report.atol:g}, {verdict})."
+                ),
+            ]
+    versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
+    lines += ["", f"Versions: {versions}.", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: str | os.PathLike, **kwargs) -> Path:
+    """Write `README.md` into `folder` (keywords as `render_model_card`); returns its path."""
+    path = Path(folder) / CARD_FILE
+    path.write_text(render_model_card(**kwargs), encoding="utf-8")
+    return path

@@ -1,0 +1,500 @@
+"""The user's input files, read safely: checkpoints (and what wraps them) and label lists.
+
+A checkpoint's format is read off its first bytes, never its extension:
+
+- safetensors: an 8-byte little-endian header length, then a JSON header starting with `{`;
+  checked against the file's size, then read by `safetensors.torch.load_file`;
+- a `torch.save` zip (`PK\\x03\\x04`) or legacy pickle (`\\x80` protocol byte): read by
+  `torch.load(weights_only=True)`, with `argparse.Namespace` allowed as timm does for the `args`
+  of training checkpoints. A pickle that needs any other global is refused, the global named;
+  there is no fallback to unsafe loading, so a pickle's code never runs.
+
+Then the weights are unwrapped (`model` as facebookresearch/deit saves them, `state_dict`,
+the EMA entries `state_dict_ema`/`model_ema` chosen with `ema`), cleaned of `module.` and
+`_orig_mod.` prefixes (timm's `clean_state_dict`), original DeiT III `gamma_1`/`gamma_2`
+renamed to timm's `ls1.gamma`/`ls2.gamma`, and checked: tensors only, finite values.
+
+    >>> model, ckpt = load_timm_model("deit_tiny_patch16_224", "deit_tiny.pth", ema=False)
+    >>> ckpt.describe()
+    "entry 'model' of deit_tiny.pth (torch zip)"
+
+Every problem is a `CheckpointError`, one line that says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "EMA_ENTRIES",
+    "WEIGHT_ENTRIES",
+    "Checkpoint",
+    "CheckpointError",
+    "detect_format",
+    "load_timm_model",
+    "read_checkpoint",
+    "read_labels",
+]
+
+logger = logging.getLogger(__name__)
+
+# Top-level entries that hold a state dict, in timm's order of preference
+# (`timm.models.load_state_dict`).
+EMA_ENTRIES = ("state_dict_ema", "model_ema")
+WEIGHT_ENTRIES = ("state_dict", "model")
+
+_FORMAT_NAMES = {
+    "safetensors": "safetensors",
+    "torch-zip": "torch zip",
+    "torch-pickle": "torch legacy pickle",
+}
+_EXTENSIONS = {
+    "safetensors": {".safetensors"},
+    "torch-zip": {".pth", ".pt", ".bin", ".ckpt", ".tar"},
+    "torch-pickle": {".pth", ".pt", ".bin", ".ckpt", ".pkl"},
+}
+_GAMMA = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or labels file) cannot be used as given; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The weights read from a checkpoint file, and where in the file they came from.
+
+    Attributes:
+        path: the file.
+        format: `safetensors`, `torch-zip` or `torch-pickle` (from the file's bytes).
+        entry: the top-level entry the weights came from (`model`, `state_dict_ema`, ...), or
+            None when the file is the state dict itself.
+        ema: whether those are EMA weights.
+        state_dict: the cleaned state dict (timm key names, tensors only).
+        ignored: the other top-level entries (optimizer, epoch, args, ...), not used.
+    """
+
+    path: Path
+    format: str
+    entry: str | None
+    ema: bool
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    ignored: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One line for logs and the model card, e.g. `entry 'model_ema' (EMA) of x.pth (torch zip)`."""
+        what = "the state dict" if self.entry is None else f"entry {self.entry!r}"
+        ema = " (EMA)" if self.ema else ""
+        return f"{what}{ema} of {self.path.name} ({_FORMAT_NAMES[self.format]})"
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of a checkpoint file, from its first bytes (the extension is not looked at).
+
+    Returns:
+        `safetensors`, `torch-zip` or `torch-pickle`.
+
+    Raises:
+        CheckpointError: missing, empty, or none of those formats.
+
+    Example:
+        >>> detect_format("model.safetensors")
+        'safetensors'
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not found"
+        raise CheckpointError(f"checkpoint {path} is {what}: give the path of a checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes): the save or download did not complete; "
+            "get the file again"
+        )
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "torch-pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise CheckpointError(
+        f"checkpoint {path} is not safetensors nor a torch.save file (first bytes {head[:8]!r}): "
+        "save the weights with safetensors.torch.save_file or torch.save(model.state_dict())"
+    )
+
+
+def read_checkpoint(path: str | os.PathLike, ema: bool | None = None) -> Checkpoint:
+    """Read a checkpoint file safely into a timm-named state dict.
+
+    Args:
+        path: a safetensors file, or a `torch.save` file (zip or legacy pickle), any extension.
+        ema: True: take the EMA weights (`state_dict_ema`/`model_ema`); False: the plain ones
+            (`state_dict`/`model`); None: whichever the file has, an error if it has both.
+
+    Returns:
+        The `Checkpoint`: state dict, format, entry used, whether EMA, ignored entries.
+
+    Raises:
+        CheckpointError: anything wrong with the file, one line with what to do.
+
+    Example:
+        >>> read_checkpoint("deit_base_patch16_224-b5f2ef4d.pth").entry
+        'model'
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    expected = _EXTENSIONS[fmt]
+    if path.suffix.lower() not in expected and path.suffix:
+        logger.warning(
+            "%s is named %s but holds %s; reading it as %s",
+            path, path.suffix, _FORMAT_NAMES[fmt], _FORMAT_NAMES[fmt],
+        )
+    logger.info("reading %s (%s)", path, _FORMAT_NAMES[fmt])
+    obj = _read_safetensors(path) if fmt == "safetensors" else _read_torch(path, fmt)
+    entry, is_ema, state_dict, ignored = _unwrap(obj, path, ema)
+    state_dict = _clean(state_dict, path, entry)
+    ckpt = Checkpoint(path, fmt, entry, is_ema, state_dict, ignored)
+    logger.info("weights: %s", ckpt.describe())
+    if ignored:
+        logger.info("ignored top-level entries: %s", ", ".join(ignored))
+    return ckpt
+
+
+def load_timm_model(
+    name: str, checkpoint: str | os.PathLike, *, ema: bool | None = None, **kwargs
+) -> tuple[nn.Module, Checkpoint]:
+    """Build the timm model `name` with a checkpoint's weights, without a throwaway random init.
+
+    The model is created on the meta device (no memory, no init), its architecture checked
+    (`ArchSpec.from_timm` refuses what transformers cannot express), the checkpoint's keys and
+    shapes checked against it, and the tensors assigned with `load_state_dict(strict=True,
+    assign=True)`. Floating-point weights are computed in float32.
+
+    Args:
+        name: a timm model name (tags and legacy `vit_deit_*` names accepted).
+        checkpoint: the checkpoint file (see `read_checkpoint`).
+        ema: which weights (see `read_checkpoint`).
+        **kwargs: passed to `timm.create_model` (e.g. `num_classes`, `img_size`).
+
+    Returns:
+        The model in eval mode, and the `Checkpoint` read.
+
+    Raises:
+        CheckpointError: a bad file, or keys or shapes that are not the model's (missing and
+            unexpected keys listed sorted; the first mismatching shape named with both shapes).
+        TypeError, ValueError: not a timm VisionTransformer, an unsupported feature, a name
+            timm does not know.
+
+    Example:
+        >>> model, ckpt = load_timm_model("deit3_small_patch16_224", "deit_3_small_224_1k.pth")
+    """
+    import timm
+
+    from .arch import ArchSpec
+    from .mapping import timm_shapes
+    from .source import resolve_model_name
+
+    name = resolve_model_name(name)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    spec = ArchSpec.from_timm(model)
+    ckpt = read_checkpoint(checkpoint, ema=ema)
+    state_dict = _check_against(ckpt.state_dict, timm_shapes(spec), name)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{name}: {left[0]} was not set by the checkpoint")
+    return model.eval(), ckpt
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Read class names: a JSON list, a JSON `{index: name}` (or `{name: index}`) object, or a
+    text file with one name a line.
+
+    Returns:
+        The names in class-index order (their count is checked against the model later).
+
+    Raises:
+        CheckpointError: unreadable, empty, gaps in the indices, blank or duplicate names.
+
+    Example:
+        >>> read_labels("labels.txt")[:2]
+        ['cat', 'dog']
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read labels file {path}: {_reason(e)}") from e
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            labels = _labels_from_json(json.loads(text), path)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"labels file {path} is not valid JSON: {e}") from e
+    else:
+        labels = text.rstrip("\n\r\t ").splitlines()
+        for i, line in enumerate(labels, 1):
+            if not line.strip():
+                raise CheckpointError(f"labels file {path}: line {i} is empty; one name a line")
+        labels = [line.strip() for line in labels]
+    if not labels or labels == [""]:
+        raise CheckpointError(f"labels file {path} holds no labels")
+    seen = set()
+    for label in labels:
+        if label in seen:
+            raise CheckpointError(f"labels file {path}: {label!r} occurs twice; names must be unique")
+        seen.add(label)
+    return labels
+
+
+def _labels_from_json(obj, path: Path) -> list[str]:
+    if isinstance(obj, list):
+        if not all(isinstance(x, str) and x.strip() for x in obj):
+            raise CheckpointError(f"labels file {path}: every label must be a non-empty string")
+        return list(obj)
+    if isinstance(obj, dict):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in obj.values()):
+            pairs = {v: k for k, v in obj.items()}  # {name: index}
+        elif all(re.fullmatch(r"\d+", str(k)) for k in obj):
+            pairs = {int(k): v for k, v in obj.items()}  # {index: name}
+        else:
+            raise CheckpointError(
+                f"labels file {path}: a JSON object must map indices to names or names to indices"
+            )
+        if sorted(pairs) != list(range(len(pairs))):
+            raise CheckpointError(f"labels file {path}: the indices must be 0..{len(pairs) - 1}")
+        return _labels_from_json([pairs[i] for i in range(len(pairs))], path)
+    raise CheckpointError(f"labels file {path}: expected a JSON list or object of labels")
+
+
+def _reason(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
+    return text.splitlines()[0].split(". ")[0]
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Check the header against the file's size (safetensors' own errors do not tell a
+    truncated file from trailing data), then read it with `safetensors.torch.load_file`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise CheckpointError(
+                f"safetensors file {path} claims a {n}-byte header but holds {size - 8} bytes "
+                "after its length field: the file is truncated or corrupt; get it again"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise CheckpointError(
+            f"safetensors file {path} has a corrupt header ({_reason(e)}): get the file again"
+        ) from e
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        raise CheckpointError(
+            f"safetensors file {path} is truncated: its header describes {expected} bytes, the "
+            f"file has {size}; get the file again"
+        )
+    if size > expected:
+        raise CheckpointError(
+            f"safetensors file {path} has {size - expected} bytes of trailing data after its "
+            "last tensor: the file is corrupt or was appended to; get or save it again"
+        )
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as e:
+        raise CheckpointError(f"safetensors file {path} cannot be read: {_reason(e)}") from e
+
+
+def _read_torch(path: Path, fmt: str):
+    """`torch.load(weights_only=True)`; a blocked global is named, never loaded unsafely."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            if fmt == "torch-zip" and path.suffix != ".safetensors":
+                # memory-mapped: tensors are read from the file as they are used, not copied
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # an open file, not the path: torch.load picks safetensors by a path's extension
+            with path.open("rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = _blocked_globals(path, fmt, e)
+        if names:
+            raise CheckpointError(
+                f"refusing {path}: unpickling it needs {', '.join(names)}, which torch's "
+                "weights-only loading does not allow (a pickle can run code) and deit_port never "
+                "loads unsafely; if you trust the file, re-save its state dict with "
+                "safetensors.torch.save_file and convert that"
+            ) from e
+        raise CheckpointError(
+            f"{path} cannot be unpickled ({_reason(e)}): the file is truncated or corrupt; "
+            "get or save it again"
+        ) from e
+    except EOFError as e:
+        raise CheckpointError(
+            f"{path} ends too early: the file is truncated; get or save it again"
+        ) from e
+    except (RuntimeError, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"{path} cannot be read as a {_FORMAT_NAMES[fmt]} file ({_reason(e)}): the file is "
+            "truncated or corrupt; get or save it again"
+        ) from e
+
+
+def _blocked_globals(path: Path, fmt: str, error: Exception) -> list[str]:
+    names: list[str] = []
+    if fmt == "torch-zip":
+        try:
+            with path.open("rb") as f:
+                names = list(torch.serialization.get_unsafe_globals_in_checkpoint(f))
+        except (RuntimeError, ValueError, OSError, pickle.UnpicklingError):
+            # a damaged archive: fall back to the name in torch's message
+            names = []
+    names = [n for n in names if n != "argparse.Namespace"]
+    return sorted(set(names)) or _GLOBAL.findall(str(error))[:1]
+
+
+def _unwrap(obj, path: Path, ema: bool | None):
+    """`(entry, is_ema, state_dict, ignored)` of a loaded checkpoint."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a dict of weights: save "
+            "model.state_dict() (not the model or a list)"
+        )
+    ema_entries = [k for k in EMA_ENTRIES if isinstance(obj.get(k), Mapping)]
+    weight_entries = [k for k in WEIGHT_ENTRIES if isinstance(obj.get(k), Mapping)]
+    if not ema_entries and not weight_entries:
+        if ema:
+            raise CheckpointError(
+                f"--ema: {path} has no EMA weights (no {' or '.join(EMA_ENTRIES)} entry); "
+                "drop --ema"
+            )
+        return None, False, obj, ()
+    if ema is None:
+        if ema_entries and weight_entries:
+            raise CheckpointError(
+                f"{path} holds both weights ({', '.join(weight_entries)}) and EMA weights "
+                f"({', '.join(ema_entries)}): pass --ema or --no-ema to choose"
+            )
+        use_ema = bool(ema_entries)
+    elif ema and not ema_entries:
+        raise CheckpointError(
+            f"--ema: {path} has no EMA weights, only {', '.join(weight_entries)}; drop --ema"
+        )
+    elif not ema and not weight_entries:
+        raise CheckpointError(
+            f"--no-ema: {path} holds only EMA weights ({', '.join(ema_entries)}); pass --ema"
+        )
+    else:
+        use_ema = ema
+    entry = (ema_entries if use_ema else weight_entries)[0]
+    ignored = tuple(sorted(str(k) for k in obj if k != entry))
+    return entry, use_ema, obj[entry], ignored
+
+
+def _clean(state_dict: Mapping, path: Path, entry: str | None) -> dict[str, torch.Tensor]:
+    """Tensors only, prefixes stripped (timm's `clean_state_dict`), DeiT III gammas renamed,
+    every floating-point value finite."""
+    from timm.models import clean_state_dict
+
+    where = f"{path}" if entry is None else f"{path} entry {entry!r}"
+    if not state_dict:
+        raise CheckpointError(f"{where} holds no weights")
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{where} has a non-string key {key!r}: not a state dict")
+        if not isinstance(value, torch.Tensor):
+            hint = (
+                "; is it a training checkpoint? its weights are usually under 'model' or "
+                "'state_dict'" if entry is None else ""
+            )
+            raise CheckpointError(
+                f"{where}: {key!r} is a {type(value).__name__}, not a tensor; a state dict holds "
+                f"only tensors{hint}"
+            )
+    cleaned = clean_state_dict(dict(state_dict))
+    if len(cleaned) != len(state_dict):
+        raise CheckpointError(
+            f"{where} has keys that differ only by a module./_orig_mod. prefix: save one model's "
+            "state dict"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in cleaned.items():
+        m = _GAMMA.match(key)
+        new = f"{m.group(1)}.ls{m.group(2)}.gamma" if m else key
+        if new in out or (m and new in cleaned):
+            raise CheckpointError(f"{where} has both {key!r} and {new!r}: save one model's state dict")
+        out[new] = value
+    for key, value in out.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{where}: tensor {key!r} holds {bad} NaN/Inf value{'s' if bad > 1 else ''}: "
+                    "the weights are broken (diverged training?); convert another checkpoint"
+                )
+    return out
+
+
+def _check_against(
+    state_dict: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], name: str
+) -> dict[str, torch.Tensor]:
+    """Keys and shapes as `shapes` (timm's key order) says, or a one-line error; float32 values."""
+    missing = sorted(k for k in shapes if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in shapes)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key{'s' if len(missing) > 1 else ''} {_few(missing)}")
+        if unexpected:
+            s = "s" if len(unexpected) > 1 else ""
+            parts.append(f"unexpected {len(unexpected)} key{s} {_few(unexpected)}")
+        raise CheckpointError(
+            f"the checkpoint does not fit {name}: {'; '.join(parts)}; is it a checkpoint of "
+            "another architecture?"
+        )
+    for key, shape in shapes.items():
+        got = tuple(state_dict[key].shape)
+        if got != shape:
+            hint = "is it a checkpoint of another variant?"
+            if key.startswith("head") and got[1:] == shape[1:]:
+                hint = f"a fine-tune with {got[0]} classes? pass --num-classes {got[0]}"
+            elif key == "pos_embed" and got[::2] == shape[::2]:
+                hint = "a fine-tune at another resolution? pass --img-size"
+            raise CheckpointError(
+                f"the checkpoint does not fit {name}: {key!r} has shape {got}, {name} needs "
+                f"{shape}; {hint}"
+            )
+    out = {}
+    for key, value in state_dict.items():
+        if value.is_floating_point() and value.dtype != torch.float32:
+            value = value.float()
+        out[key] = value
+    dtypes = sorted({str(v.dtype) for v in state_dict.values() if v.is_floating_point()})
+    if dtypes != ["torch.float32"]:
+        logger.info("checkpoint holds %s weights; computing in float32", ", ".join(dtypes))
+    return out
+
+
+def _few(keys: list[str], n: int = 8) -> str:
+    shown = ", ".join(keys[:n])
+    return f"[{shown}{f', ... {len(keys) - n} more' if len(keys) > n else ''}]"
