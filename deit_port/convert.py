@@ -45,7 +45,15 @@ from .mapping import (
     split_qkv,
     timm_to_hf,
 )
-from .parity import DEFAULT_ATOL, ParityReport, check_parity, parity_inputs, synthetic_image
+from .parity import (
+    DEFAULT_ATOL,
+    ParityReport,
+    check_parity,
+    compare_outputs,
+    parity_inputs,
+    reference_outputs,
+    synthetic_image,
+)
 from .preprocess import (
     PreprocessingError,
     PreprocessReport,
@@ -197,12 +205,15 @@ def convert_deit_checkpoint(
     config = build_config(spec, labels)
     batch = [synthetic_image(0), *(images or [])]
     inputs = parity_inputs(timm_model, images=batch) if verify else None
+    # timm's outputs are computed up front, so the timm model is freed before the written
+    # folder is loaded back: the two models are never in memory side by side.
+    expected = reference_outputs(timm_model, inputs) if verify else None
     exact = None
     if cast is not torch.float32:
         if verify:
             step("verifying in float32")
-            exact = check_parity(
-                timm_model, load_hf_state_dict(state_dict, config, spec), inputs, atol=DEFAULT_ATOL
+            exact = compare_outputs(
+                expected, load_hf_state_dict(state_dict, config, spec), inputs, atol=DEFAULT_ATOL
             )
             logger.info("before the cast to %s: %s", dtype_name, exact.summary())
             if not exact.passed:
@@ -223,8 +234,10 @@ def convert_deit_checkpoint(
             logger.info(preprocessing.summary())
             if not preprocessing.matches:
                 raise PreprocessingError(preprocessing)
+            del timm_model, state_dict
             hf_model = load_hf_folder(tmp, spec, **_float32())
-            report = check_parity(timm_model, hf_model, inputs, atol=atol)
+            report = compare_outputs(expected, hf_model, inputs, atol=atol)
+            del hf_model
             logger.info(report.summary())
             if not report.passed:
                 raise ParityError(report)

@@ -24,6 +24,7 @@ __all__ = [
     "check_output_dir",
     "load_hf_folder",
     "load_hf_state_dict",
+    "publish_permissions",
     "save_hf_folder",
 ]
 
@@ -107,7 +108,7 @@ def atomic_folder(
         raise OutputError(f"cannot write beside {out}: {_why(e)}") from e
     try:
         yield tmp
-        _publish_permissions(tmp)
+        publish_permissions(tmp)
         if out.exists():
             old = Path(
                 tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".old", dir=out.parent)
@@ -131,13 +132,12 @@ def atomic_folder(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _publish_permissions(folder: Path) -> None:
-    """mkdtemp makes 0700 folders and safetensors 0600 files: give the output the modes a
-    plain `mkdir`/`open` would (0777/0666 minus the umask)."""
+def publish_permissions(path: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors 0600 files: give `path` (and, for a folder,
+    everything in it) the modes a plain `mkdir`/`open` would (0777/0666 less the umask)."""
     umask = os.umask(0)
     os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.rglob("*"):
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
@@ -184,20 +184,27 @@ def save_hf_folder(
 ) -> None:
     """Write `config.json` and the weights as safetensors shards (with an index past one shard).
 
-    Uses `huggingface_hub.save_torch_state_dict`, the writer transformers uses itself. It
-    refuses tensors that are views of part of a storage (the split query/key/value), so those
-    are copied here, one at a time as they are written.
+    The shards are planned by `huggingface_hub.split_torch_state_dict_into_shards` (the plan
+    and index format transformers uses) and written by `safetensors.torch.save_file`, which
+    takes the split query/key/value as they are: views into the fused tensor, written without
+    a copy (huggingface_hub's `save_torch_state_dict` refuses views of part of a storage).
     """
-    from huggingface_hub import save_torch_state_dict
+    import json
 
-    state_dict = {k: v if _owns_storage(v) else v.clone() for k, v in state_dict.items()}
-    save_torch_state_dict(state_dict, folder, max_shard_size=max_shard_size)
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, keys in split.filename_to_tensors.items():
+        shard = {k: state_dict[k].contiguous() for k in keys}  # no copy unless strided
+        save_file(shard, folder / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config.save_pretrained(folder)
-
-
-def _owns_storage(t: torch.Tensor) -> bool:
-    storage = t.untyped_storage()
-    return t.data_ptr() == storage.data_ptr() and t.numel() * t.element_size() == storage.nbytes()
 
 
 def load_hf_folder(folder: str | os.PathLike, spec: ArchSpec, **kwargs) -> torch.nn.Module:

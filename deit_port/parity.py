@@ -9,7 +9,15 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-__all__ = ["ParityReport", "check_parity", "data_config", "parity_inputs", "synthetic_image"]
+__all__ = [
+    "ParityReport",
+    "check_parity",
+    "compare_outputs",
+    "data_config",
+    "parity_inputs",
+    "reference_outputs",
+    "synthetic_image",
+]
 
 DEFAULT_ATOL = 1e-3
 
@@ -109,6 +117,47 @@ def _hf_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def reference_outputs(timm_model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The timm model's logits (or, for a base model, final hidden states) on `inputs`, in
+    float32 on the CPU: computed once, so the timm model can be freed before the HF one loads."""
+    timm_model.eval()
+    device = next(timm_model.parameters()).device
+    return _timm_output(timm_model, inputs.to(device)).float().cpu()
+
+
+@torch.inference_mode()
+def compare_outputs(
+    expected: torch.Tensor,
+    hf_model: nn.Module,
+    inputs: torch.Tensor,
+    atol: float = DEFAULT_ATOL,
+) -> ParityReport:
+    """Run the transformers model on `inputs` and compare with `reference_outputs`."""
+    hf_model.eval()
+    device = next(hf_model.parameters()).device
+    a = expected
+    b = _hf_output(hf_model, inputs.to(device)).float().cpu()
+    is_logits = a.ndim == 2  # (B, classes); a base model's hidden states are (B, tokens, D)
+    output = "logits" if is_logits else "hidden states"
+    if a.shape != b.shape:
+        return ParityReport(
+            len(inputs), output, tuple(a.shape), tuple(b.shape), float("inf"), float("inf"),
+            None, atol,
+        )
+    diff = (a - b).abs()
+    top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean()) if is_logits else None
+    return ParityReport(
+        inputs=len(inputs),
+        output=output,
+        shape_timm=tuple(a.shape),
+        shape_hf=tuple(b.shape),
+        max_abs_diff=float(diff.max()),
+        mean_abs_diff=float(diff.mean()),
+        top1_agreement=top1,
+        atol=atol,
+    )
+
+
 def check_parity(
     timm_model: nn.Module,
     hf_model: nn.Module,
@@ -127,27 +176,4 @@ def check_parity(
     Returns:
         A `ParityReport`; nothing is raised on a mismatch, callers decide.
     """
-    timm_model.eval()
-    hf_model.eval()
-    t_dev = next(timm_model.parameters()).device
-    h_dev = next(hf_model.parameters()).device
-    a = _timm_output(timm_model, inputs.to(t_dev)).float().cpu()
-    b = _hf_output(hf_model, inputs.to(h_dev)).float().cpu()
-    is_logits = timm_model.num_classes > 0
-    if a.shape != b.shape:
-        return ParityReport(
-            len(inputs), "logits" if is_logits else "hidden states",
-            tuple(a.shape), tuple(b.shape), float("inf"), float("inf"), None, atol,
-        )
-    diff = (a - b).abs()
-    top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean()) if is_logits else None
-    return ParityReport(
-        inputs=len(inputs),
-        output="logits" if is_logits else "hidden states",
-        shape_timm=tuple(a.shape),
-        shape_hf=tuple(b.shape),
-        max_abs_diff=float(diff.max()),
-        mean_abs_diff=float(diff.mean()),
-        top1_agreement=top1,
-        atol=atol,
-    )
+    return compare_outputs(reference_outputs(timm_model, inputs), hf_model, inputs, atol)

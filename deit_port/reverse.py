@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
-from .io import OutputError, load_hf_folder
+from .io import OutputError, load_hf_folder, publish_permissions
 from .mapping import hf_to_timm
 from .parity import DEFAULT_ATOL, ParityReport, check_parity, parity_inputs
 
@@ -330,11 +330,10 @@ def convert_hf_folder(
     target = timm_target(spec, model)
     logger.info("writing for timm %s %s", target.name, target.kwargs)
     state_dict = hf_to_timm(hf_state_dict, target.spec)
-    # safetensors writes whole tensors: copy the views of part of a storage (split pos_embed).
-    state_dict = {k: v.contiguous() if _owns_storage(v) else v.clone() for k, v in state_dict.items()}
+    state_dict = {k: v.contiguous() for k, v in state_dict.items()}  # safetensors needs dense
     with _atomic_file(out) as tmp:
         save_file(state_dict, tmp, metadata={"format": "pt"})
-        _umask_permissions(tmp)  # safetensors creates its files 0600
+        publish_permissions(tmp)  # safetensors creates its files 0600
         timm_model = target.create(tmp)
         _check_loaded(timm_model, state_dict)
         hf_model = load_hf_folder(hf_dir, spec).float()  # timm computes in float32 too
@@ -348,18 +347,6 @@ def convert_hf_folder(
         if not report.passed:
             raise ParityError(report)
     return ReverseResult(out, target, report)
-
-
-def _umask_permissions(path: Path) -> None:
-    """Give `path` the permissions a plain `open(path, "w")` would (0666 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
-def _owns_storage(t: torch.Tensor) -> bool:
-    storage = t.untyped_storage()
-    return t.data_ptr() == storage.data_ptr() and t.numel() * t.element_size() == storage.nbytes()
 
 
 def _check_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -330,7 +330,7 @@ def test_output_not_writable(ckpt, tmp_path, capsys, monkeypatch):
 
 
 def _disk_fills_after(monkeypatch, n_ok: int) -> list:
-    """safetensors' writer (used by huggingface_hub.save_torch_state_dict) writes `n_ok` files,
+    """safetensors' writer (used by save_hf_folder) writes `n_ok` files,
     then the next one half and fails with ENOSPC, as a full disk does."""
     real = safetensors.torch.save_file
     calls = []
