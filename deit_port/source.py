@@ -71,7 +71,13 @@ def create_timm_model(
 
     name = resolve_model_name(name)
     if init == "random":
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        # built on the meta device: timm's own init would be overwritten anyway
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        if any(True for _ in model.buffers()):  # buffers are not ours to randomize
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        else:
+            model = model.to_empty(device="cpu")
         randomize_(model, seed)
     elif init == "pretrained":
         try:

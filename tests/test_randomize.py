@@ -27,3 +27,14 @@ def test_randomization_is_seeded():
     c = random_timm_model("deit_tiny_patch16_224", seed=6, depth=1).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_library_random_init_equals_the_tests_own():
+    """`--init random` gives the weights the tests build independently for the same seed."""
+    from deit_port.source import create_timm_model
+
+    ours = create_timm_model("deit3_small_patch16_224", init="random", seed=9, depth=2)
+    theirs = random_timm_model("deit3_small_patch16_224", seed=9, depth=2)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -20,9 +20,14 @@ ATOL_MEASURED = 1e-4
 
 
 def random_timm_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
-    """A timm model with `pretrained=False` whose every parameter is then overwritten."""
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    return randomize_(model, seed).eval()
+    """A timm model with `pretrained=False` whose every parameter is then overwritten.
+
+    Built on the meta device and materialised uninitialised: timm's own init would only be
+    overwritten (tests/test_randomize.py checks that every parameter is)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    assert not list(model.buffers()), f"{name} has buffers that randomize_ does not set"
+    return randomize_(model.to_empty(device="cpu"), seed).eval()
 
 
 def model_output(model, x):
