@@ -86,7 +86,7 @@ def create_timm_model(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WeightsUnavailableError(
                 f"pretrained weights for {name} cannot be had ({first}); "
-                "pass --init random for seeded random weights"
+                "give --checkpoint PATH for weights you have, or --init random for seeded random ones"
             ) from e
     else:
         raise ValueError(f"init must be 'pretrained' or 'random', not {init!r}")
