@@ -300,11 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.ERROR if args.quiet else logging.INFO,
-        format="deit-port: %(message)s",
-    )
+    configure_logging(args.quiet)
     return args.func(args)
+
+
+def configure_logging(quiet: bool) -> None:
+    """Our steps at INFO; the libraries' own chatter (file names, load reports) only from
+    WARNING up; with `-q`, errors only."""
+    logging.basicConfig(
+        level=logging.ERROR if quiet else logging.WARNING, format="deit-port: %(message)s"
+    )
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
 
 
 if __name__ == "__main__":

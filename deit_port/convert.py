@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m deit_port.convert`: the interface of transformers' conversion script."""
     import argparse
 
-    from .cli import add_output_options, add_source_options, run_convert
+    from .cli import add_output_options, add_source_options, configure_logging, run_convert
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deit_name", required=True, help="timm model name")
@@ -384,9 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.ERROR if args.quiet else logging.INFO, format="deit-port: %(message)s"
-    )
+    configure_logging(args.quiet)
     model_kwargs = {k: v for k in ("num_classes", "img_size") if (v := getattr(args, k)) is not None}
     return run_convert(
         args.deit_name, args.pytorch_dump_folder_path,

@@ -165,7 +165,7 @@ def save_preprocessor(folder: str | os.PathLike, timm_model: nn.Module) -> Path:
     processor = build_image_processor(timm_model, backend="pil")
     processor.save_pretrained(folder)
     path = Path(folder) / PREPROCESSOR_FILE
-    logger.info("wrote %s", path)
+    logger.debug("wrote %s", path)
     return path
 
 
