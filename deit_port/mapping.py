@@ -134,7 +134,8 @@ def _gamma_keys(spec: ArchSpec) -> list[tuple[str, str]]:
 
 
 def timm_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor of the timm state dict of `spec`, in timm's key order."""
+    """The shape of every tensor of the timm state dict of `spec`: timm's keys and shapes,
+    in timm's order except `dist_token`, which timm registers last and this lists second."""
     d, h, c = spec.embed_dim, spec.mlp_hidden, spec.num_classes
     shapes: dict[str, tuple[int, ...]] = {"cls_token": (1, 1, d)}
     if spec.distilled:
