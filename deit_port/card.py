@@ -93,9 +93,9 @@ def render_model_card(
         ...                   dtype="float32", report=report, inputs="4 tensors").startswith("---")
         True
     """
-    from .hf_config import hf_model_class
+    from .hf_config import hf_class_name
 
-    hf_class = hf_model_class(spec).__name__
+    hf_class = hf_class_name(spec)
     pipeline_tag = "image-classification" if spec.num_classes else "image-feature-extraction"
     lines = [
         "---",

@@ -446,9 +446,11 @@ def _clean(state_dict: Mapping, path: Path, entry: str | None) -> dict[str, torc
         out[new] = value
     for key, value in out.items():
         if value.is_floating_point() or value.is_complex():
-            # one pass: a float64 sum of finite float32/16 values cannot overflow, so it is
-            # finite exactly when every value is; only then is counting skipped
-            if value.is_floating_point() and torch.isfinite(value.sum(dtype=torch.float64)):
+            # one pass without allocating: min and max propagate NaN and are infinite when
+            # any value is, so both finite means every value is; only then is counting skipped
+            if value.is_floating_point() and value.numel() and torch.isfinite(
+                torch.stack(torch.aminmax(value))
+            ).all():
                 continue
             bad = int((~torch.isfinite(value)).sum())
             if bad:

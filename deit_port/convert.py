@@ -24,7 +24,7 @@ from torch import nn
 from .arch import ArchSpec
 from .card import write_model_card
 from .checkpoint import CheckpointError, load_timm_model, read_labels
-from .hf_config import build_config, hf_model_class, imagenet_labels
+from .hf_config import build_config, hf_class_name, hf_model_class, imagenet_labels
 from .io import (
     OutputError,
     atomic_folder,
@@ -80,6 +80,7 @@ __all__ = [
     "convert_timm_model",
     "create_rename_keys",
     "create_timm_model",
+    "hf_class_name",
     "hf_model_class",
     "hf_to_timm",
     "imagenet_labels",
@@ -201,13 +202,16 @@ def convert_deit_checkpoint(
     step("loading")
     timm_model, source = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
     spec = ArchSpec.from_timm(timm_model)
-    state_dict = timm_to_hf(timm_model.state_dict(), spec)
     config = build_config(spec, labels)
     batch = [synthetic_image(0), *(images or [])]
     inputs = parity_inputs(timm_model, images=batch) if verify else None
     # timm's outputs are computed up front, so the timm model is freed before the written
     # folder is loaded back: the two models are never in memory side by side.
     expected = reference_outputs(timm_model, inputs) if verify else None
+    # The timm model and its tensors are ours (built or loaded above) and have computed their
+    # outputs, so DeiT III's layer scale is folded into them in place: on a memory-mapped
+    # checkpoint that allocates nothing.
+    state_dict = timm_to_hf(timm_model.state_dict(), spec, fold_in_place=True)
     exact = None
     if cast is not torch.float32:
         if verify:

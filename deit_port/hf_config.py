@@ -6,21 +6,27 @@ from collections.abc import Sequence
 
 from .arch import ArchSpec
 
-__all__ = ["build_config", "hf_model_class", "imagenet_labels"]
+__all__ = ["build_config", "hf_class_name", "hf_model_class", "imagenet_labels"]
 
 
-def hf_model_class(spec: ArchSpec) -> type:
-    """The transformers class a converted `spec` loads into.
+def hf_class_name(spec: ArchSpec) -> str:
+    """The name of the transformers class a converted `spec` loads into.
 
     distilled -> `DeiTForImageClassificationWithTeacher`; plain DeiT and DeiT III ->
     `ViTForImageClassification`; `num_classes=0` -> the base model (`DeiTModel`/`ViTModel`,
     which must be built with `add_pooling_layer=False`: timm has no pooler).
     """
-    import transformers as tf
-
     if spec.num_classes == 0:
-        return tf.DeiTModel if spec.distilled else tf.ViTModel
-    return tf.DeiTForImageClassificationWithTeacher if spec.distilled else tf.ViTForImageClassification
+        return "DeiTModel" if spec.distilled else "ViTModel"
+    return "DeiTForImageClassificationWithTeacher" if spec.distilled else "ViTForImageClassification"
+
+
+def hf_model_class(spec: ArchSpec) -> type:
+    """The transformers class `hf_class_name(spec)` (importing it imports the modeling code,
+    which writing a folder does not need)."""
+    import transformers
+
+    return getattr(transformers, hf_class_name(spec))
 
 
 def imagenet_labels() -> list[str]:
@@ -89,5 +95,5 @@ def build_config(spec: ArchSpec, labels: Sequence[str] | None = None):
         encoder_stride=spec.patch_size,
         **kwargs,
     )
-    config.architectures = [hf_model_class(spec).__name__]
+    config.architectures = [hf_class_name(spec)]
     return config

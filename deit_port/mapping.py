@@ -216,20 +216,30 @@ def _check(state_dict: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, 
             )
 
 
-def _fold(weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor):
+def _fold(weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, in_place: bool):
     g = gamma.float()
-    return (weight.float() * g[:, None]).to(weight.dtype), (bias.float() * g).to(bias.dtype)
+    w, b = (weight.float() * g[:, None]).to(weight.dtype), (bias.float() * g).to(bias.dtype)
+    if not in_place:
+        return w, b
+    return weight.copy_(w), bias.copy_(b)
 
 
-def timm_to_hf(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec) -> StateDict:
+def timm_to_hf(
+    state_dict: Mapping[str, torch.Tensor], spec: ArchSpec, *, fold_in_place: bool = False
+) -> StateDict:
     """Convert a timm state dict to the transformers (hub format) state dict of `spec`.
 
     Renamed and split tensors are views of the source (no copy); only DeiT III's folded
-    layer scale and padded position embedding are new tensors.
+    layer scale and padded position embedding are new tensors, unless `fold_in_place`.
 
     Args:
         state_dict: exactly the keys of `timm_shapes(spec)`.
         spec: the architecture.
+        fold_in_place: write DeiT III's folded `attn.proj` / `mlp.fc2` tensors into the
+            source tensors instead of new ones: `state_dict`'s tensors are modified (and a
+            model holding them computes something else afterwards). For a caller that owns
+            the tensors: on a checkpoint memory-mapped copy-on-write (safetensors,
+            `torch.load(mmap=True)`) it costs no memory beyond the source's pages.
 
     Returns:
         A new dict, keys as in `hf_shapes(spec)`.
@@ -246,7 +256,7 @@ def timm_to_hf(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec) -> StateD
     for gamma_key, linear in _gamma_keys(spec):
         gamma = sd.pop(gamma_key)
         sd[f"{linear}.weight"], sd[f"{linear}.bias"] = _fold(
-            sd[f"{linear}.weight"], sd[f"{linear}.bias"], gamma
+            sd[f"{linear}.weight"], sd[f"{linear}.bias"], gamma, fold_in_place
         )
     if spec.no_embed_class:
         pos = sd["pos_embed"]

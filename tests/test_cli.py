@@ -77,8 +77,8 @@ def test_non_deit_model_is_refused(capsys, tmp_path):
 
 
 def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    def swapped_norms(state_dict, spec):
-        sd = timm_to_hf(state_dict, spec)
+    def swapped_norms(state_dict, spec, **kwargs):
+        sd = timm_to_hf(state_dict, spec, **kwargs)
         a, b = "vit.encoder.layer.0.layernorm_before.weight", "vit.encoder.layer.0.layernorm_after.weight"
         sd[a], sd[b] = sd[b], sd[a]
         return sd

@@ -206,6 +206,26 @@ def test_timm_to_hf_returns_views_of_the_source(spec_and_sd):
             assert _shares_storage(hf[hf_key], fused), f"{hf_key} is a copy"
             offset = i * (fused.shape[0] // 3) * fused.stride(0) * fused.element_size()
             assert hf[hf_key].data_ptr() == fused.data_ptr() + offset, f"{hf_key}: wrong rows"
+
+
+@given(
+    arch_specs(layer_scale=True).flatmap(
+        lambda spec: st.tuples(st.just(spec), timm_state_dicts(spec))
+    )
+)
+def test_fold_in_place_writes_the_same_bits_into_the_source(spec_and_sd):
+    """`fold_in_place` (what convert does with tensors it loaded): the same hub state dict,
+    bit for bit, with every tensor, folded Linears included, stored in the source's memory."""
+    spec, sd = spec_and_sd
+    expected = timm_to_hf(sd, spec)  # leaves sd as it is; its folded Linears are new tensors
+    hf = timm_to_hf(sd, spec, fold_in_place=True)
+    assert_state_dicts_bitwise_equal(hf, expected, "fold_in_place")
+    sources = {t.untyped_storage().data_ptr() for t in sd.values()}
+    new = {f"{hf_prefix(spec)}embeddings.position_embeddings"} if spec.no_embed_class else set()
+    for key, value in hf.items():
+        assert (value.untyped_storage().data_ptr() in sources) == (key not in new), key
+    linear = "blocks.0.attn.proj.weight"
+    assert_bitwise_equal(sd[linear], expected[dict(rename_pairs(spec))[linear]], "the source's proj")
     if not (spec.layer_scale or spec.no_embed_class):
         sources = {t.untyped_storage().data_ptr() for t in sd.values()}
         assert {t.untyped_storage().data_ptr() for t in hf.values()} <= sources
