@@ -17,7 +17,7 @@ def _error(message: str) -> None:
     print(f"deit-port: error: {message}", file=sys.stderr)
 
 
-STEPS = ("loading", "writing", "verifying")
+STEPS = ("loading", "timm outputs", "converting", "writing", "verifying", "model card")
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -179,8 +180,9 @@ def convert_deit_checkpoint(
             whichever it has (an error if both).
         dtype: `float32`, `float16` or `bfloat16`: the written weights. For the other two the
             conversion is checked in float32 first, then the written folder at `DTYPE_ATOL`.
-        progress: called with the name of each long step as it starts (`loading`, `writing`,
-            `verifying`).
+        progress: called with the name of each step as it starts (`loading`, `timm outputs`,
+            `converting`, `writing`, `verifying`, `model card`); their times are logged at
+            INFO (`time per step: ...`).
 
     Returns:
         The `ParityReport` of the written folder (None without `verify`).
@@ -195,7 +197,7 @@ def convert_deit_checkpoint(
     Example:
         >>> convert_deit_checkpoint("deit_small_patch16_224", "out", checkpoint="ckpt.pth", ema=False)
     """
-    step = progress or _no_progress
+    step = _Steps(progress)
     dtype_name, cast = _dtype(dtype)
     atol = DTYPE_ATOL[dtype_name] if atol is None else atol
     check_output_dir(pytorch_dump_folder_path, overwrite, _protected(checkpoint))
@@ -204,10 +206,14 @@ def convert_deit_checkpoint(
     spec = ArchSpec.from_timm(timm_model)
     config = build_config(spec, labels)
     batch = [synthetic_image(0), *(images or [])]
-    inputs = parity_inputs(timm_model, images=batch) if verify else None
-    # timm's outputs are computed up front, so the timm model is freed before the written
-    # folder is loaded back: the two models are never in memory side by side.
-    expected = reference_outputs(timm_model, inputs) if verify else None
+    inputs = expected = None
+    if verify:
+        # timm's outputs are computed up front, so the timm model is freed before the written
+        # folder is loaded back: the two models are never in memory side by side.
+        step("timm outputs")
+        inputs = parity_inputs(timm_model, images=batch)
+        expected = reference_outputs(timm_model, inputs)
+    step("converting")
     # The timm model and its tensors are ours (built or loaded above) and have computed their
     # outputs, so DeiT III's layer scale is folded into them in place: on a memory-mapped
     # checkpoint that allocates nothing.
@@ -245,6 +251,7 @@ def convert_deit_checkpoint(
             logger.info(report.summary())
             if not report.passed:
                 raise ParityError(report)
+        step("model card")
         write_model_card(
             tmp,
             timm_name=resolve_model_name(deit_name),
@@ -256,6 +263,7 @@ def convert_deit_checkpoint(
             exact_report=exact,
             labels=[config.id2label[i] for i in range(spec.num_classes)],
         )
+    logger.info("time per step: %s", step.summary())
     return report
 
 
@@ -310,6 +318,31 @@ def verify_hf_folder(
     hf_model = load_hf_folder(folder, spec, **_float32())
     inputs = parity_inputs(timm_model, images=[synthetic_image(0), *(images or [])])
     return check_parity(timm_model, hf_model, inputs, atol=atol)
+
+
+class _Steps:
+    """Calls `progress` as each step starts and times the steps, for the log."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self._progress = progress or _no_progress
+        self.seconds: dict[str, float] = {}
+        self._current: str | None = None
+        self._start = 0.0
+
+    def __call__(self, name: str) -> None:
+        self._stop()
+        self._progress(name)
+        self._current, self._start = name, time.perf_counter()
+
+    def _stop(self) -> None:
+        if self._current is not None:
+            self.seconds[self._current] = time.perf_counter() - self._start
+            self._current = None
+
+    def summary(self) -> str:
+        """`loading 0.41 s, writing 1.20 s, ...` (the step running now ends here)."""
+        self._stop()
+        return ", ".join(f"{name} {t:.2f} s" for name, t in self.seconds.items())
 
 
 def _no_progress(step: str) -> None:

@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import logging
 import os
 import pty
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 
 import huggingface_hub
 import pytest
@@ -207,6 +209,23 @@ def test_no_progress_bar_when_quiet_or_not_a_terminal(tmp_path, capsys, monkeypa
     assert "%|" not in err and "step/s" not in err
     if quiet:
         assert err == ""
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
+def test_step_times_are_logged(tmp_path, caplog, verify):
+    """One INFO line names every step that ran, in order, with times that fit in the call."""
+    caplog.set_level(logging.INFO, logger="deit_port")
+    start = time.perf_counter()
+    convert_deit_checkpoint(TINY, tmp_path / "out", init="random", seed=SEED, verify=verify)
+    wall = time.perf_counter() - start
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("time per step: ")]
+    assert len(lines) == 1, lines
+    steps = re.findall(r"([a-z][a-z ]*) (\d+\.\d\d) s", lines[0].removeprefix("time per step: "))
+    names = ["loading", "timm outputs", "converting", "writing", "verifying", "model card"]
+    if not verify:
+        names = [n for n in names if n not in ("timm outputs", "verifying")]
+    assert [name for name, _ in steps] == names, lines[0]
+    assert 0 < sum(float(t) for _, t in steps) <= wall + 0.005 * len(steps)  # printed rounded
 
 
 def test_written_config_is_a_transformers_config(folder):
