@@ -203,15 +203,13 @@ def load_timm_model(
     Example:
         >>> model, ckpt = load_timm_model("deit3_small_patch16_224", "deit_3_small_224_1k.pth")
     """
-    import timm
 
     from .arch import ArchSpec
     from .mapping import timm_shapes
-    from .source import resolve_model_name
+    from .source import build_on_meta, resolve_model_name
 
     name = resolve_model_name(name)
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, **kwargs)
+    model = build_on_meta(name, **kwargs)
     spec = ArchSpec.from_timm(model)
     ckpt = read_checkpoint(checkpoint, ema=ema)
     state_dict = _check_against(ckpt.state_dict, timm_shapes(spec), name)

@@ -190,10 +190,9 @@ def timm_target(spec: ArchSpec, model: str | None = None) -> TimmTarget:
 
 @functools.cache
 def _default_spec(name: str) -> ArchSpec:
-    import timm
+    from .source import build_on_meta
 
-    with torch.device("meta"):
-        return ArchSpec.from_timm(timm.create_model(name, pretrained=False))
+    return ArchSpec.from_timm(build_on_meta(name))
 
 
 def _target_for(
@@ -201,7 +200,7 @@ def _target_for(
 ) -> TimmTarget:
     """`name` with the kwargs that make it `spec` (with `full`, every architecture setting);
     checked on a meta-device build."""
-    import timm
+    from .source import build_on_meta
 
     default = _default_spec(name)
     kwargs: dict = {}
@@ -221,8 +220,7 @@ def _target_for(
     for key in sorted(_KWARG_FIELDS):
         if full or getattr(spec, key) != getattr(default, key):
             kwargs[key] = getattr(spec, key)
-    with torch.device("meta"):
-        own = ArchSpec.from_timm(timm.create_model(name, pretrained=False, **kwargs))
+    own = ArchSpec.from_timm(build_on_meta(name, **kwargs))
     diff = _differences(own, spec, ignore=ignore)
     if diff:
         raise ValueError(f"timm cannot express this model as {name}: {diff}")

@@ -6,6 +6,7 @@ import torch
 
 from deit_port.arch import ArchSpec
 from deit_port.mapping import hf_shapes, timm_shapes
+from deit_port.source import build_on_meta
 
 from .util import DEIT_VARIANTS
 
@@ -103,3 +104,33 @@ def test_exact_gelu_by_any_name_is_accepted(act_layer):
     """timm's `act_layer="gelu"` is its own GELU class; it computes the same erf GELU."""
     spec = ArchSpec.from_timm(_meta_model("deit_tiny_patch16_224", act_layer=act_layer))
     assert spec.embed_dim == 192
+
+
+def _structure(model: torch.nn.Module) -> dict:
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", DEIT_VARIANTS)
+def test_build_on_meta_is_timms_model_without_the_init(variant):
+    """Skipping timm's init (`weight_init="skip"`) changes no tensor, module or setting."""
+    skipped, built = build_on_meta(variant), _meta_model(variant)
+    assert type(skipped) is type(built)
+    assert ArchSpec.from_timm(skipped) == ArchSpec.from_timm(built)
+    assert _structure(skipped) == _structure(built)
+    assert all(t.is_meta for t in skipped.state_dict().values())
+
+
+def test_build_on_meta_builds_with_the_init_where_timm_cannot_skip_it(monkeypatch):
+    """As timm 1.0.16 does for distilled models: an assertion on `weight_init="skip"`."""
+    calls = []
+
+    def create_model(name, **kwargs):
+        calls.append(kwargs.get("weight_init"))
+        assert kwargs.get("weight_init") != "skip", "mode in ('jax', 'jax_nlhb', 'moco', '')"
+        return real(name, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", create_model)
+    model = build_on_meta("deit_tiny_distilled_patch16_224", num_classes=7)
+    assert calls == ["skip", None]
+    assert model.num_classes == 7 and model.head_dist.weight.is_meta
