@@ -6,7 +6,9 @@ times, interleaved (drift hits every case alike), after an `os.sync()` so that n
 the previous one's writeback; the median wall time and the median peak RSS (the child's maxrss)
 are reported. Ratios are taken above the import floor (a process that only imports torch, timm
 and the transformers model classes), measured `--runs` times in the same run, spread over the
-models. Beside `cp` (an in-kernel copy), `dd bs=64M` shows what a copy through user space
+models: time ratios above its fastest run (noise only adds time to a process start, and a lower
+floor makes every time ratio worse for convert, never better), RSS ratios above its median.
+Beside `cp` (an in-kernel copy), `dd bs=64M` shows what a copy through user space
 costs. Prints one JSON line per case, then a table and the targets of issue 6, met or missed by
 how much, with the measured times that say why (convert's own step times, from its log, and the
 baseline's forward-pass time, which it prints).
@@ -217,18 +219,21 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    floor_t = statistics.median(floor_walls)
+    # Time ratios are taken above the floor's fastest run: noise only adds time to a process
+    # start, and a lower floor makes every time ratio worse for convert, never better.
+    floor_t = min(floor_walls)
     floor_r = statistics.median(floor_rsss) / 2**20
     spread = f"{min(floor_walls):.2f}..{max(floor_walls):.2f} s"
     print(json.dumps({
         "model": "all", "case": "import floor", "runs": len(floor_walls),
-        "wall_s": round(floor_t, 3), "peak_rss_mb": round(floor_r, 1),
+        "wall_s": round(statistics.median(floor_walls), 3), "peak_rss_mb": round(floor_r, 1),
         "wall_s_min": round(min(floor_walls), 3), "wall_s_max": round(max(floor_walls), 3),
     }))
     print()
     print(
-        f"import floor, median of {len(floor_walls)} runs: {floor_t:.2f} s ({spread}), "
-        f"{floor_r:.0f} MB"
+        f"import floor, {len(floor_walls)} runs: median {statistics.median(floor_walls):.2f} s, "
+        f"{spread}, {floor_r:.0f} MB; time ratios are taken above its fastest run, "
+        f"{floor_t:.2f} s (noise only adds time; a lower floor never flatters convert)"
     )
     print(f"{'model':34s} {'case':40s} {'wall s':>8s} {'peak RSS MB':>12s}")
     for name, _, measured in results:
@@ -251,16 +256,18 @@ def main() -> int:
         ]
         for label, value, target, op in checks:
             met = value <= target if op == "<=" else value >= target
-            ok &= met
             verdict = (
                 "met" if met
                 else f"MISSED by {abs(value - target) / target:.0%}: {why(label, m, floor_t)}"
             )
-            if label.endswith("cp time") and nv["wall_s"] - floor_t < max(floor_walls) - floor_t:
-                verdict += (  # the run-to-run noise of a 7 s process start swamps a cp's time
-                    f" (convert's time above the floor is within the floor's own spread, "
-                    f"{spread}: not resolved by this measurement)"
-                )
+            if label.endswith("cp time") and nv["wall_s"] < max(floor_walls):
+                # the run-to-run noise of a 7 s process start swamps a cp's time
+                unresolved = f"convert's time is within the floor's own spread, {spread}"
+                if met:
+                    met, verdict = False, f"NOT RESOLVED: {unresolved}"
+                else:
+                    verdict += f" (and {unresolved}: not resolved by this measurement)"
+            ok &= met
             print(f"  {name:34s} {label:38s} {value:6.2f} (target {op} {target}) {verdict}")
     return 0 if ok else 1
 
