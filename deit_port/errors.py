@@ -1,0 +1,131 @@
+"""Every error deit_port raises on purpose, in one tree; each class knows its exit code.
+
+    DeitPortError                   exit_code: how the CLI reports it
+    +-- BadInputError (ValueError)  2: the input cannot be used as given; nothing was written
+    |   +-- OutputError             the output path cannot be (re)written as asked
+    |   +-- CheckpointError         a checkpoint (or labels file) is unreadable or does not fit
+    |   +-- LabelsError             a labels file (also a CheckpointError, as before)
+    |   +-- WeightsUnavailableError timm's pretrained weights cannot be had
+    |   +-- KeyMismatchError        a state dict's keys are not the architecture's (KeyError too)
+    |   +-- ImageLoadError          an image cannot be read, fetched or decoded
+    |   +-- UnsupportedModelError   the model cannot be expressed in transformers (TypeError too)
+    |   +-- MissingExtraError       an optional stack (ONNX) is not installed
+    +-- ParityFailure               1: the two models (or preprocessings) differ; nothing written
+        +-- ParityError             logits or hidden states (`deit_port.parity`)
+        +-- PreprocessingError      the image processor (`deit_port.preprocess`)
+
+Anything else escaping deit_port is a bug in deit_port: the CLI keeps its traceback and exits
+with `EXIT_BUG` (3).
+
+The message of every error is one line that says what is wrong and what to do
+(`first_line` makes one of a library's multi-line message).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_BUG",
+    "EXIT_OK",
+    "EXIT_PARITY",
+    "BadInputError",
+    "CheckpointError",
+    "DeitPortError",
+    "ImageLoadError",
+    "KeyMismatchError",
+    "LabelsError",
+    "MissingExtraError",
+    "OutputError",
+    "ParityError",
+    "ParityFailure",
+    "PreprocessingError",
+    "UnsupportedModelError",
+    "WeightsUnavailableError",
+    "first_line",
+]
+
+EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none); for
+    `OSError`, its `strerror` ("No such file or directory") without the repeated path."""
+    text = getattr(e, "strerror", None) or str(e).strip()
+    if isinstance(e, KeyError) and not isinstance(e, DeitPortError) and e.args:
+        text = str(e.args[0])
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class DeitPortError(Exception):
+    """The root of deit_port's errors; `exit_code` is what the CLI exits with."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __str__(self) -> str:  # KeyError subclasses would repr() the message
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class BadInputError(DeitPortError, ValueError):
+    """The input (a path, a file, a name, an option) cannot be used as given."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class OutputError(BadInputError):
+    """The output folder or file cannot be written as asked."""
+
+
+class CheckpointError(BadInputError):
+    """A checkpoint cannot be used as given; the message says what to do."""
+
+
+class LabelsError(CheckpointError):
+    """A labels file cannot be used (a `CheckpointError` too, as it always was)."""
+
+
+class WeightsUnavailableError(BadInputError):
+    """timm's pretrained weights for a model could not be had (offline, not cached, ...)."""
+
+
+class KeyMismatchError(BadInputError, KeyError):
+    """A state dict's keys are not the ones the architecture has: lists both sides, sorted."""
+
+    def __init__(self, side: str, missing: list[str], unexpected: list[str]) -> None:
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        parts = []
+        if self.missing:
+            parts.append(f"missing keys {self.missing}")
+        if self.unexpected:
+            parts.append(f"unexpected keys {self.unexpected}")
+        super().__init__(f"{side} state dict does not match the architecture: " + "; ".join(parts))
+
+
+class ImageLoadError(BadInputError):
+    """An image could not be read, fetched or decoded."""
+
+
+class UnsupportedModelError(BadInputError, TypeError):
+    """The timm model has a structure transformers' ViT/DeiT cannot express, or is no ViT."""
+
+
+class MissingExtraError(BadInputError):
+    """An optional dependency (an extra such as `deit-port[onnx]`) is not installed."""
+
+
+class ParityFailure(DeitPortError):
+    """The converted model (or its preprocessing) does not compute what timm computes."""
+
+    exit_code = EXIT_PARITY
+
+    def __init__(self, report) -> None:
+        self.report = report
+        super().__init__(report.summary())
+
+
+class ParityError(ParityFailure, RuntimeError):
+    """The converted model's logits (or hidden states) differ from timm's; `report` says how."""
+
+
+class PreprocessingError(ParityFailure, RuntimeError):
+    """A folder's image processor does not reproduce timm's eval transform."""
