@@ -75,6 +75,7 @@ def run_convert(
         with _progress(quiet) as progress:
             report = convert_deit_checkpoint(model, output_dir, progress=progress, **kwargs)
     except (ParityError, PreprocessingError) as e:
+        _print_table(e.report)
         _error(f"{e}; nothing was written to {output_dir}")
         return EXIT_PARITY
     except (OutputError, WeightsUnavailableError, KeyMismatchError, ValueError, TypeError, OSError) as e:
@@ -82,8 +83,16 @@ def run_convert(
         return EXIT_BAD_INPUT
     print(f"wrote {output_dir}")
     if report is not None:
+        _print_table(report)
         print(report.summary())
     return EXIT_OK
+
+
+def _print_table(report) -> None:
+    """The per-stage table of a `--layers` report (nothing otherwise)."""
+    table = report.table() if hasattr(report, "table") else ""
+    if table:
+        print(table)
 
 
 def run_verify(hf_dir: str, model: str, *, quiet: bool = False, **kwargs) -> int:
@@ -101,9 +110,12 @@ def run_verify(hf_dir: str, model: str, *, quiet: bool = False, **kwargs) -> int
     except (OutputError, WeightsUnavailableError, KeyMismatchError, ValueError, TypeError, OSError) as e:
         _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
         return EXIT_BAD_INPUT
+    _print_table(report)
     print(report.summary())
     if not report.passed:
-        _error(f"{hf_dir} does not compute what timm's {model} computes")
+        first = report.first_divergence
+        where = "" if first is None else f" (first divergence: {first.stage})"
+        _error(f"{hf_dir} does not compute what timm's {model} computes{where}")
         return EXIT_PARITY
     return EXIT_OK
 
@@ -125,7 +137,9 @@ def _source_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    return run_verify(args.hf_dir, args.model, quiet=args.quiet, **_source_kwargs(args))
+    return run_verify(
+        args.hf_dir, args.model, quiet=args.quiet, layers=args.layers, **_source_kwargs(args)
+    )
 
 
 def _cmd_to_timm(args: argparse.Namespace) -> int:
@@ -176,6 +190,15 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, help="input resolution (timm img_size)")
 
 
+def add_layers_option(p) -> None:
+    """`--layers`: compare every stage and print the per-stage table."""
+    p.add_argument(
+        "--layers", action="store_true",
+        help="compare every stage (embeddings, each block, final norm, pooled tokens, logits), "
+        "print the table and name the first stage past the tolerance",
+    )
+
+
 def add_output_options(p: argparse.ArgumentParser) -> None:
     """What is written: `--labels`, `--dtype`, `--max-shard-size`."""
     p.add_argument(
@@ -212,6 +235,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         max_shard_size=args.max_shard_size,
         images=images,
+        layers=args.layers,
     )
 
 
@@ -261,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_options(p)
     add_output_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    add_layers_option(check)
     p.add_argument(
         "--image", action="append", metavar="PATH_OR_URL",
         help="add your own image (file or http(s) URL) to the parity batch; repeatable",
@@ -275,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="the transformers folder (ours or one from the hub)")
     p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
     add_source_options(p)
+    add_layers_option(p)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser(

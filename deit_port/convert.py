@@ -53,6 +53,7 @@ from .parity import (
     compare_outputs,
     parity_inputs,
     reference_outputs,
+    reference_stages,
     synthetic_image,
 )
 from .preprocess import (
@@ -154,6 +155,7 @@ def convert_deit_checkpoint(
     ema: bool | None = None,
     dtype: str = "float32",
     progress: Callable[[str], None] | None = None,
+    layers: bool = False,
 ) -> ParityReport | None:
     """Convert the timm model `deit_name` and write a transformers folder, parity checked.
 
@@ -183,6 +185,8 @@ def convert_deit_checkpoint(
         progress: called with the name of each step as it starts (`loading`, `timm outputs`,
             `converting`, `writing`, `verifying`, `model card`); their times are logged at
             INFO (`time per step: ...`).
+        layers: compare every stage too (`check_parity(..., layers=True)`): the report's
+            `table()` and, on failure, `first_divergence` say where the models part.
 
     Returns:
         The `ParityReport` of the written folder (None without `verify`).
@@ -206,13 +210,17 @@ def convert_deit_checkpoint(
     spec = ArchSpec.from_timm(timm_model)
     config = build_config(spec, labels)
     batch = [synthetic_image(0), *(images or [])]
-    inputs = expected = None
+    inputs = expected = stages = None
     if verify:
         # timm's outputs are computed up front, so the timm model is freed before the written
         # folder is loaded back: the two models are never in memory side by side.
         step("timm outputs")
         inputs = parity_inputs(timm_model, images=batch)
-        expected = reference_outputs(timm_model, inputs)
+        if layers:
+            stages = reference_stages(timm_model, inputs)
+            expected = next(reversed(stages.values()))
+        else:
+            expected = reference_outputs(timm_model, inputs)
     step("converting")
     # The timm model and its tensors are ours (built or loaded above) and have computed their
     # outputs, so DeiT III's layer scale is folded into them in place: on a memory-mapped
@@ -223,7 +231,8 @@ def convert_deit_checkpoint(
         if verify:
             step("verifying in float32")
             exact = compare_outputs(
-                expected, load_hf_state_dict(state_dict, config, spec), inputs, atol=DEFAULT_ATOL
+                expected, load_hf_state_dict(state_dict, config, spec), inputs,
+                atol=DEFAULT_ATOL, stages=stages,
             )
             logger.info("before the cast to %s: %s", dtype_name, exact.summary())
             if not exact.passed:
@@ -246,7 +255,7 @@ def convert_deit_checkpoint(
                 raise PreprocessingError(preprocessing)
             del timm_model, state_dict
             hf_model = load_hf_folder(tmp, spec, **_float32())
-            report = compare_outputs(expected, hf_model, inputs, atol=atol)
+            report = compare_outputs(expected, hf_model, inputs, atol=atol, stages=stages)
             del hf_model
             logger.info(report.summary())
             if not report.passed:
@@ -279,6 +288,7 @@ def verify_hf_folder(
     atol: float | None = None,
     images: Sequence[Image.Image] | None = None,
     progress: Callable[[str], None] | None = None,
+    layers: bool = False,
 ) -> ParityReport:
     """Check an existing transformers folder (ours or the hub's) against a timm model.
 
@@ -292,6 +302,7 @@ def verify_hf_folder(
         atol: the tolerance (default: `DTYPE_ATOL` of the folder's dtype).
         images: more images for the parity batch.
         progress: called with `loading`, `verifying`.
+        layers: compare every stage too (`check_parity(..., layers=True)`).
 
     Returns:
         The `ParityReport`; `passed` says whether it matched.
@@ -317,7 +328,7 @@ def verify_hf_folder(
     step("verifying")
     hf_model = load_hf_folder(folder, spec, **_float32())
     inputs = parity_inputs(timm_model, images=[synthetic_image(0), *(images or [])])
-    return check_parity(timm_model, hf_model, inputs, atol=atol)
+    return check_parity(timm_model, hf_model, inputs, atol=atol, layers=layers)
 
 
 class _Steps:
