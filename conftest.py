@@ -43,3 +43,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("measured parity (max / mean |diff| of logits)")
         for variant, mx, mean in sorted(rows):
             terminalreporter.write_line(f"{variant:40s} {mx:.3g} {mean:.3g}")
+    # other measurements: a test records ("measured", [(what, variant, value in words), ...])
+    measured = []
+    for report in terminalreporter.stats.get("passed", []):
+        props = dict(report.user_properties)
+        if report.when == "call" and "measured" in props:
+            measured += [tuple(row) for row in props["measured"]]
+    if measured:
+        terminalreporter.section("measured (recorded by the tests)")
+        for what, variant, value in sorted(measured):
+            terminalreporter.write_line(f"{what:28s} {variant:32s} {value}")
