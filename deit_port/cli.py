@@ -164,6 +164,39 @@ def _cmd_to_timm(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Export a folder to ONNX, checked with onnxruntime: exit 0 ok, 1 parity, 2 bad input."""
+    from .convert import KeyMismatchError, OutputError, WeightsUnavailableError
+    from .errors import ParityFailure, first_line
+    from .onnx_export import export_onnx
+
+    kwargs = _source_kwargs(args)
+    try:
+        if args.model is None and (
+            args.checkpoint is not None or args.ema is not None or kwargs["model_kwargs"]
+            or args.init != "pretrained"
+        ):
+            raise ValueError(
+                "--checkpoint, --init, --ema, --num-classes and --img-size choose the timm "
+                "model's weights: give MODEL (the timm name) after OUT.onnx"
+            )
+        with _progress(args.quiet):
+            report = export_onnx(
+                args.hf_dir, args.output_file, args.model, overwrite=args.overwrite, **kwargs
+            )
+    except ParityFailure as e:
+        _print_table(e.report)
+        _error(f"{e}; nothing was written to {args.output_file}")
+        return EXIT_PARITY
+    except (OutputError, WeightsUnavailableError, KeyMismatchError, ValueError, TypeError, OSError) as e:
+        _error(first_line(e))
+        return EXIT_BAD_INPUT
+    print(f"wrote {report.output}")
+    _print_table(report)
+    print(report.summary())
+    return EXIT_OK
+
+
 def add_source_options(p: argparse.ArgumentParser) -> None:
     """Where the timm model's weights come from: `--checkpoint`, `--init`, `--ema`, ..."""
     source = p.add_mutually_exclusive_group()
@@ -316,6 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_to_timm)
+
+    p = sub.add_parser(
+        "export-onnx", parents=[common],
+        help="export a transformers folder to ONNX (dynamic batch), checked with onnxruntime "
+        "against transformers and, given MODEL, timm; needs the onnx extra",
+    )
+    p.add_argument("hf_dir", help="the transformers folder (ours or one from the hub)")
+    p.add_argument("output_file", help="the .onnx file to write (absent, or --overwrite)")
+    p.add_argument(
+        "model", nargs="?",
+        help="the timm model name the folder came from: the ONNX file is compared with it too",
+    )
+    add_source_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_export_onnx)
 
     p = sub.add_parser("doctor", help="print library versions and where weights are looked up")
     p.set_defaults(func=_cmd_doctor)
