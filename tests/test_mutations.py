@@ -251,6 +251,10 @@ def test_every_mutation_is_caught(mutation, converted, record_property):
     assert not gate.passed, f"mutation {mutation} of {name} passes check_parity at {ATOL_MEASURED}"
     first = gate.first_divergence
     record_property("first_divergence", None if first is None else first.stage)
+    if first is not None:
+        record_property("measured", [
+            (mutation, name, f"first divergence: {first.stage}, max |diff| {first.max_abs_diff:.3g}")
+        ])
     assert first is not None and first.stage == stage, (
         f"mutation {mutation} of {name} sits at {stage!r} but the first stage past "
         f"{ATOL_MEASURED} is {first and first.stage!r}:\n{gate.table()}"
