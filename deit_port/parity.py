@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from .errors import ParityError
+
 __all__ = [
+    "ParityError",
     "ParityReport",
     "check_parity",
     "compare_outputs",
@@ -47,9 +50,6 @@ class ParityReport:
             f"max |diff| {self.max_abs_diff:.3g}, mean |diff| {self.mean_abs_diff:.3g}{top1} "
             f"(atol {self.atol:g})"
         )
-
-    def as_dict(self) -> dict:
-        return asdict(self) | {"passed": self.passed}
 
 
 def synthetic_image(seed: int = 0, size: tuple[int, int] = (320, 240)) -> Image.Image:
