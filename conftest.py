@@ -42,11 +42,15 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Print the measured parity per case (recorded by the tests with record_property), and
     with `--parity-table PATH` write it as the markdown table docs/parity-variants.md is."""
-    rows = []
+    rows, mutations = [], []
     for report in terminalreporter.stats.get("passed", []):
         props = dict(report.user_properties)
-        if report.when == "call" and "max_abs_diff" in props:
+        if report.when != "call":
+            continue
+        if "max_abs_diff" in props:
             rows.append((props["variant"], props["max_abs_diff"], props["mean_abs_diff"]))
+        if "mutation_max_abs_diff" in props:
+            mutations.append((props["mutation"], props["mutation_max_abs_diff"]))
     if not rows:
         return
     rows.sort()
@@ -55,11 +59,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"{variant:40s} {mx:.3g} {mean:.3g}")
     path = config.getoption("--parity-table")
     if path:
-        _write_parity_table(Path(path), rows, config)
+        _write_parity_table(Path(path), rows, sorted(mutations), config)
         terminalreporter.write_line(f"parity table written to {path}")
 
 
-def _write_parity_table(path: Path, rows: list, config) -> None:
+def _write_parity_table(path: Path, rows: list, mutations: list, config) -> None:
     import platform
 
     import timm
@@ -88,5 +92,17 @@ def _write_parity_table(path: Path, rows: list, config) -> None:
         *(f"| {variant} | {mx:.3g} | {mean:.3g} |" for variant, mx, mean in rows),
         "",
     ]
+    if mutations:
+        lines += [
+            "## Mutations caught",
+            "",
+            ("A correct conversion with one deliberate mistake (tests/test_mutations.py); each "
+            "must fail parity at 1e-4. Max |diff| of the logits:"),
+            "",
+            "| mutation | max abs diff |",
+            "|---|---|",
+            *(f"| {name} | {mx:.3g} |" for name, mx in mutations),
+            "",
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
