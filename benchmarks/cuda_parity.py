@@ -20,7 +20,11 @@ import sys
 
 import torch
 
-FAST_VARIANTS = ["deit3_small_patch16_224", "deit_tiny_distilled_patch16_224", "deit_tiny_patch16_224"]
+FAST_VARIANTS = [
+    "deit3_small_patch16_224",
+    "deit_tiny_distilled_patch16_224",
+    "deit_tiny_patch16_224",
+]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

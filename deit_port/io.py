@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -15,11 +14,10 @@ from pathlib import Path
 import torch
 
 from .arch import ArchSpec
+from .errors import BadInputError, KeyMismatchError, OutputError, first_line
 from .hf_config import hf_model_class
-from .mapping import KeyMismatchError
 
 __all__ = [
-    "OutputError",
     "atomic_folder",
     "check_output_dir",
     "load_hf_folder",
@@ -29,10 +27,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class OutputError(ValueError):
-    """The output folder cannot be written as asked."""
 
 
 def check_output_dir(
@@ -105,7 +99,7 @@ def atomic_folder(
             tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent)
         )
     except OSError as e:
-        raise OutputError(f"cannot write beside {out}: {_why(e)}") from e
+        raise OutputError(f"cannot write beside {out}: {first_line(e)}") from e
     try:
         yield tmp
         publish_permissions(tmp)
@@ -125,7 +119,7 @@ def atomic_folder(
             os.rename(tmp, out)
     except OSError as e:
         raise OutputError(
-            f"writing {out} failed: {_why(e)}; nothing was written"
+            f"writing {out} failed: {first_line(e)}; nothing was written"
             + (", the earlier folder is untouched" if out.exists() else "")
         ) from e
     finally:
@@ -139,12 +133,6 @@ def publish_permissions(path: Path) -> None:
     os.umask(umask)
     for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def _why(e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return "no space left on device (disk full)"
-    return e.strerror or str(e) or type(e).__name__
 
 
 def _remove_stale(out: Path) -> None:
@@ -212,13 +200,9 @@ def load_hf_folder(folder: str | os.PathLike, spec: ArchSpec, **kwargs) -> torch
 
     Raises:
         KeyMismatchError: transformers reported missing, unexpected or mismatched keys.
+        BadInputError: transformers cannot load the folder at all (no weights, a corrupt file).
     """
-    cls = hf_model_class(spec)
-    if spec.num_classes == 0:
-        kwargs.setdefault("add_pooling_layer", False)
-    model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
-    _raise_on_loading_info(info, "transformers")
-    return model.eval()
+    return _from_pretrained(spec, folder, **kwargs)
 
 
 def load_hf_state_dict(state_dict: dict[str, torch.Tensor], config, spec: ArchSpec):
@@ -227,18 +211,23 @@ def load_hf_state_dict(state_dict: dict[str, torch.Tensor], config, spec: ArchSp
     transformers' own `from_pretrained(None, config=..., state_dict=...)` does the loading, so
     the 4.x hub key format is renamed by whichever transformers is installed.
     """
+    return _from_pretrained(spec, None, config=config, state_dict=state_dict)
+
+
+def _from_pretrained(spec: ArchSpec, folder, **kwargs) -> torch.nn.Module:
+    """`from_pretrained` of `spec`'s class, strict: every key loaded, none left over."""
     cls = hf_model_class(spec)
-    kwargs = {"add_pooling_layer": False} if spec.num_classes == 0 else {}
-    model, info = cls.from_pretrained(
-        None, config=config, state_dict=state_dict, output_loading_info=True, **kwargs
-    )
-    _raise_on_loading_info(info, "transformers")
-    return model.eval()
-
-
-def _raise_on_loading_info(info: dict, side: str) -> None:
+    if spec.num_classes == 0:
+        kwargs.setdefault("add_pooling_layer", False)  # timm has no pooler
+    try:
+        model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:  # no weights file, a corrupt one, ...
+        raise BadInputError(
+            f"{folder} cannot be loaded as {cls.__name__}: {first_line(e)}"
+        ) from e
     missing = list(info.get("missing_keys", []))
     unexpected = list(info.get("unexpected_keys", []))
     mismatched = [str(k) for k in info.get("mismatched_keys", [])]
     if missing or unexpected or mismatched:
-        raise KeyMismatchError(side, missing + mismatched, unexpected)
+        raise KeyMismatchError("transformers state dict", missing + mismatched, unexpected)
+    return model.eval()

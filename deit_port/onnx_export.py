@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
-from .errors import MissingExtraError, OutputError, ParityError
+from .errors import BadInputError, MissingExtraError, OutputError, ParityError, first_line
 from .parity import ParityReport, compare_tensors, parity_inputs, reference_outputs
 
 __all__ = [
@@ -60,9 +60,7 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(name.replace("_", "-"))
     if missing:
-        raise MissingExtraError(
-            f"ONNX export needs {', '.join(missing)}, not installed: {EXTRA}"
-        )
+        raise MissingExtraError(f"ONNX export needs {', '.join(missing)}, not installed: {EXTRA}")
 
 
 @dataclass(frozen=True)
@@ -171,14 +169,14 @@ def _atomic_file(out: Path) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as e:
-        raise OutputError(f"cannot write beside {out}: {e.strerror or e}") from e
+        raise OutputError(f"cannot write beside {out}: {first_line(e)}") from e
     try:
         yield tmp / out.name
         publish_permissions(tmp)
         for f in sorted(tmp.iterdir(), key=lambda p: p.name == out.name):  # the .onnx last
             os.replace(f, out.parent / f.name)
     except OSError as e:
-        raise OutputError(f"writing {out} failed: {e.strerror or e}; nothing was written") from e
+        raise OutputError(f"writing {out} failed: {first_line(e)}; nothing was written") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -241,7 +239,8 @@ def export_onnx(
     Raises:
         MissingExtraError: the ONNX stack is not installed (`pip install 'deit-port[onnx]'`).
         ParityError: a comparison exceeded its bound; nothing was written.
-        OutputError, KeyMismatchError, CheckpointError, ValueError: bad input; nothing written.
+        OutputError, KeyMismatchError, CheckpointError, BadInputError: bad input; nothing
+            was written.
 
     Example:
         >>> export_onnx("deit-tiny-hf", "deit-tiny.onnx", "deit_tiny_patch16_224").passed
@@ -261,7 +260,10 @@ def export_onnx(
         spec = ArchSpec.from_timm(timm_model)
     else:
         if checkpoint is not None or ema is not None or model_kwargs:
-            raise ValueError("--checkpoint, --ema and the model options need MODEL, the timm name")
+            raise BadInputError(
+                "--checkpoint, --ema and the model options choose the timm model's weights: "
+                "give MODEL (the timm name) too"
+            )
         spec = None
     hf_model, spec = _load(folder, spec)
     model = _Output(hf_model).eval()
@@ -278,7 +280,9 @@ def export_onnx(
     checks: list[OnnxCheck] = []
     if timm_model is not None:  # the folder itself first: no export for a folder that differs
         folder_atol = DTYPE_ATOL.get(dtype, DTYPE_ATOL["float32"])  # as `verify` checks it
-        report = compare_tensors(reference_outputs(timm_model, x), _torch_output(model, x), folder_atol)
+        report = compare_tensors(
+            reference_outputs(timm_model, x), _torch_output(model, x), folder_atol
+        )
         checks.append(OnnxCheck("transformers vs timm", len(x), report))
         if not report.passed:
             raise ParityError(_report(out, output_name, checks, 0.0, None))
@@ -298,8 +302,11 @@ def export_onnx(
         program.save(tmp)  # weights in the file up to 2 GB, beside it (NAME.data) past that
         seconds = time.perf_counter() - start
         opset = next(
-            (o.version for o in onnx.load(tmp, load_external_data=False).opset_import
-             if o.domain in ("", "ai.onnx")),
+            (
+                o.version
+                for o in onnx.load(tmp, load_external_data=False).opset_import
+                if o.domain in ("", "ai.onnx")
+            ),
             None,
         )
         logger.info("exported in %.1f s (opset %s); checking with onnxruntime", seconds, opset)

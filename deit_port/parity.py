@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from .errors import ParityError
+
 __all__ = [
+    "ParityError",
     "ParityReport",
     "StageDiff",
     "check_parity",
@@ -93,13 +96,6 @@ class ParityReport:
                 f"{s.stage:{width}s}  {s.max_abs_diff:10.3g}  {s.mean_abs_diff:11.3g}{mark}"
             )
         return "\n".join(lines)
-
-    def as_dict(self) -> dict:
-        first = self.first_divergence
-        return asdict(self) | {
-            "passed": self.passed,
-            "first_divergence": None if first is None else first.stage,
-        }
 
 
 def synthetic_image(seed: int = 0, size: tuple[int, int] = (320, 240)) -> Image.Image:

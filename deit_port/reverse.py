@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
-from .io import OutputError, load_hf_folder, publish_permissions
+from .errors import BadInputError, KeyMismatchError, OutputError, ParityError, first_line
+from .io import load_hf_folder, publish_permissions
 from .mapping import hf_to_timm
 from .parity import DEFAULT_ATOL, ParityReport, check_parity, parity_inputs
 
@@ -116,38 +117,50 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[object, dict[str, torch.T
         `ViTModel`/`DeiTModel`) is a base model, `spec.num_classes == 0`.
 
     Raises:
-        ValueError: not a folder, no safetensors weights, not a ViT/DeiT, or a setting timm's
+        BadInputError: not a folder, no safetensors weights, not a ViT/DeiT, or a setting timm's
             DeiT does not have (non-GELU activation, non-square images).
 
     Example:
         >>> config, state_dict, spec = read_hf_folder("deit-tiny-hf")
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
+        raise BadInputError(f"{folder} is not a folder")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json: not a transformers model folder")
-    config = AutoConfig.from_pretrained(folder)
+        raise BadInputError(f"{folder} has no config.json: not a transformers model folder")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # unreadable or invalid config.json
+        raise BadInputError(f"{folder}/config.json cannot be read: {first_line(e)}") from e
     if config.model_type not in ("vit", "deit"):
-        raise ValueError(
+        raise BadInputError(
             f"{folder} holds a {config.model_type!r} model; only ViT and DeiT convert to timm DeiT"
         )
     if config.hidden_act != "gelu":
-        raise ValueError(f"hidden_act {config.hidden_act!r} is not timm DeiT's exact GELU")
+        raise BadInputError(f"hidden_act {config.hidden_act!r} is not timm DeiT's exact GELU")
 
     if (folder / _INDEX).is_file():
-        weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BadInputError(f"{folder / _INDEX} is not a valid index: {first_line(e)}") from e
     elif (folder / _SINGLE).is_file():
         files = [_SINGLE]
     else:
-        raise ValueError(f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read")
+        raise BadInputError(f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read")
     state_dict: dict[str, torch.Tensor] = {}
     for name in files:
-        state_dict.update(load_file(folder / name))
+        try:
+            state_dict.update(load_file(folder / name))
+        except (OSError, SafetensorError) as e:
+            raise BadInputError(
+                f"{folder / name} cannot be read: {first_line(e)}; get or write the folder again"
+            ) from e
 
     prefix = "deit." if config.model_type == "deit" else "vit."
     base_model = not any(k.startswith(prefix) for k in state_dict)
@@ -168,7 +181,7 @@ def timm_target(spec: ArchSpec, model: str | None = None) -> TimmTarget:
             every setting passed as a kwarg.
 
     Raises:
-        ValueError: `model` is unknown or has another architecture (the differences named).
+        BadInputError: `model` is unknown or has another architecture (the differences named).
     """
     from .source import resolve_model_name, supported_models
 
@@ -176,7 +189,7 @@ def timm_target(spec: ArchSpec, model: str | None = None) -> TimmTarget:
         name = resolve_model_name(model)
         diff = _differences(_default_spec(name), spec, ignore=_FREE_FIELDS | _KWARG_FIELDS)
         if diff:
-            raise ValueError(f"timm model {name} is another architecture: {diff}")
+            raise BadInputError(f"timm model {name} is another architecture: {diff}")
         return _target_for(name, spec, ignore=_FREE_FIELDS)
     names = [
         n for n in supported_models() if not _differences(_default_spec(n), spec, _KWARG_FIELDS)
@@ -223,7 +236,7 @@ def _target_for(
     own = ArchSpec.from_timm(build_on_meta(name, **kwargs))
     diff = _differences(own, spec, ignore=ignore)
     if diff:
-        raise ValueError(f"timm cannot express this model as {name}: {diff}")
+        raise BadInputError(f"timm cannot express this model as {name}: {diff}")
     return TimmTarget(name, kwargs, own)
 
 
@@ -276,7 +289,7 @@ def _atomic_file(out: Path) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot write beside {out}: {e.strerror or e}") from e
+        raise OutputError(f"cannot write beside {out}: {first_line(e)}") from e
     # a fresh name, created by the writer with the usual permissions (mkstemp would give 0600)
     tmp = out.parent / f".{out.stem}.{os.getpid()}.{secrets.token_hex(4)}.partial.safetensors"
     try:
@@ -313,15 +326,13 @@ def convert_hf_folder(
 
     Raises:
         ParityError: the check failed; nothing was written.
-        OutputError, KeyMismatchError, ValueError: bad input; nothing was written.
+        OutputError, KeyMismatchError, BadInputError: bad input; nothing was written.
 
     Example:
         >>> result = convert_hf_folder("deit-tiny-hf", "deit_tiny.safetensors")
         >>> result.target.load_hint(result.output)
     """
     from safetensors.torch import save_file
-
-    from .convert import ParityError  # here: convert may come to import this module
 
     out = check_output_file(output_file, overwrite)
     _, hf_state_dict, spec = read_hf_folder(hf_dir)
@@ -350,8 +361,6 @@ def convert_hf_folder(
 def _check_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """timm loads non-strictly in places (a classifier of another size is dropped): make sure
     the model holds exactly the written tensors."""
-    from .mapping import KeyMismatchError
-
     loaded = model.state_dict()
     if set(loaded) != set(state_dict):
         raise KeyMismatchError(
@@ -359,4 +368,4 @@ def _check_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
         )
     for key, value in state_dict.items():
         if not torch.equal(loaded[key], value.to(loaded[key].dtype)):
-            raise ValueError(f"timm did not load {key} as written (did it resample or drop it?)")
+            raise BadInputError(f"timm did not load {key} as written (did it resample or drop it?)")

@@ -45,7 +45,10 @@ def build_variant(variant: str, root: Path) -> Built:
     convert_deit_checkpoint(variant, folder, init="random", seed=SEED, verify=False)
     timm_model = random_timm_model(variant, seed=SEED)
     return Built(
-        timm_model, folder, ArchSpec.from_timm(timm_model), parity_inputs(timm_model, n=4, seed=SEED)
+        timm_model,
+        folder,
+        ArchSpec.from_timm(timm_model),
+        parity_inputs(timm_model, n=4, seed=SEED),
     )
 
 
@@ -103,7 +106,10 @@ def test_both_kernels_match_timm(variant, kernel, built, record_property):
     record_property("max_abs_diff", float(diff.max()))
     record_property("mean_abs_diff", float(diff.mean()))
     torch.testing.assert_close(
-        actual, expected, atol=ATOL_MEASURED, rtol=0,
+        actual,
+        expected,
+        atol=ATOL_MEASURED,
+        rtol=0,
         msg=lambda m: f"{variant}, {kernel} attention, beyond {ATOL_MEASURED}: {m}",
     )
 
@@ -124,12 +130,23 @@ def test_eager_attention_maps_equal_timms(variant, built, record_property):
         # probabilities: every row sums to one (a check that does not lean on timm)
         torch.testing.assert_close(a.sum(-1), torch.ones(shape[:-1]), atol=1e-5, rtol=0)
         torch.testing.assert_close(
-            a, e, atol=ATOL_ATTENTION, rtol=0,
-            msg=lambda m, i=i: f"{variant}: attention map of block {i} beyond {ATOL_ATTENTION}: {m}",
+            a,
+            e,
+            atol=ATOL_ATTENTION,
+            rtol=0,
+            msg=lambda m, i=i: (
+                f"{variant}: attention map of block {i} beyond {ATOL_ATTENTION}: {m}"
+            ),
         )
         worst = max(worst, float((a - e).abs().max()))
         means.append(float((a - e).abs().mean()))
     record_property(
         "measured",
-        [("attention maps (eager)", variant, f"max {worst:.3g}, mean {sum(means) / len(means):.3g}")],
+        [
+            (
+                "attention maps (eager)",
+                variant,
+                f"max {worst:.3g}, mean {sum(means) / len(means):.3g}",
+            )
+        ],
     )

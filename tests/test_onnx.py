@@ -62,9 +62,7 @@ def build_export(case: str, root: Path) -> Exported:
     folder = root / case
     convert_deit_checkpoint(name, folder, init="random", seed=SEED, model_kwargs=kwargs)
     onnx_file = root / f"{case}.onnx"
-    report = export_onnx(
-        folder, onnx_file, name, init="random", seed=SEED, model_kwargs=kwargs
-    )
+    report = export_onnx(folder, onnx_file, name, init="random", seed=SEED, model_kwargs=kwargs)
     return Exported(random_timm_model(name, seed=SEED, **kwargs), folder, onnx_file, report)
 
 
@@ -100,12 +98,21 @@ def test_onnxruntime_matches_timm(case, batch, exported, ort, record_property):
     actual, expected = torch.from_numpy(y), model_output(e.timm_model, x)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     diff = (actual - expected).abs()
-    record_property("measured", [
-        (f"onnxruntime vs timm, batch {batch}", case,
-         f"max {diff.max():.3g}, mean {diff.mean():.3g}; export {e.report.export_seconds:.1f} s"),
-    ])
+    record_property(
+        "measured",
+        [
+            (
+                f"onnxruntime vs timm, batch {batch}",
+                case,
+                f"max {diff.max():.3g}, mean {diff.mean():.3g}; export {e.report.export_seconds:.1f} s",
+            ),
+        ],
+    )
     torch.testing.assert_close(
-        actual, expected, atol=ATOL_MEASURED, rtol=0,
+        actual,
+        expected,
+        atol=ATOL_MEASURED,
+        rtol=0,
         msg=lambda m: f"{case}, batch {batch}: onnxruntime vs timm beyond {ATOL_MEASURED}: {m}",
     )
 
@@ -117,8 +124,10 @@ def test_the_report_covers_both_references_and_batches(case, exported):
     compared = [(c.compared, c.batch) for c in report.checks]
     assert compared == [
         ("transformers vs timm", 5),
-        ("onnxruntime vs transformers", 1), ("onnxruntime vs timm", 1),
-        ("onnxruntime vs transformers", 5), ("onnxruntime vs timm", 5),
+        ("onnxruntime vs transformers", 1),
+        ("onnxruntime vs timm", 1),
+        ("onnxruntime vs transformers", 5),
+        ("onnxruntime vs timm", 5),
     ]
     for c in report.checks[1:]:
         assert c.report.atol == ATOL_MEASURED and c.report.max_abs_diff <= ATOL_MEASURED, c
@@ -153,9 +162,12 @@ def test_cli_exports_a_full_deit_tiny(tiny_folder, ort, tmp_path, capsys, record
     assert re.search(r"^onnxruntime vs timm +5 ", printed, re.MULTILINE), printed
     summary = re.search(r"max \|diff\| (\S+) .*exported in (\S+) s", printed)
     value = f"max {float(summary.group(1)):.3g} over both batches and references"
-    record_property("measured", [
-        ("export-onnx (CLI, 12 blocks)", TINY, f"{value}; export {summary.group(2)} s"),
-    ])
+    record_property(
+        "measured",
+        [
+            ("export-onnx (CLI, 12 blocks)", TINY, f"{value}; export {summary.group(2)} s"),
+        ],
+    )
     assert _left(tmp_path) == ["deit-tiny.onnx"]  # no partial file left beside it
     timm_model = random_timm_model(TINY, seed=SEED)
     x = parity_inputs(timm_model, n=3, seed=SEED + 2)  # a third batch size
