@@ -86,8 +86,8 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
         f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     )
 
-    def bits(t):
-        return t.contiguous().reshape(-1).view(torch.uint8)
+    def bits(t):  # a fresh copy: a size-1 dim may keep any stride, which view() refuses
+        return t.reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
 
     assert torch.equal(bits(actual), bits(expected)), f"{what}: values differ"
 
