@@ -56,7 +56,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if measured:
         terminalreporter.section("measured (recorded by the tests)")
         for what, variant, value in sorted(measured):
-            terminalreporter.write_line(f"{what:28s} {variant:32s} {value}")
+            terminalreporter.write_line(f"{what:36s} {variant:32s} {value}")
     if not rows:
         return
     rows.sort()
