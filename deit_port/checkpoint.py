@@ -115,14 +115,17 @@ def detect_format(path: str | os.PathLike) -> str:
     if not path.is_file():
         what = "a folder" if path.is_dir() else "not found"
         raise CheckpointError(f"checkpoint {path} is {what}: give the path of a checkpoint file")
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from e
     if size == 0:
         raise CheckpointError(
             f"checkpoint {path} is empty (0 bytes): the save or download did not complete; "
             "get the file again"
         )
-    with path.open("rb") as f:
-        head = f.read(16)
     if head.startswith(b"PK\x03\x04"):
         return "torch-zip"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
@@ -277,10 +280,18 @@ def _labels_from_json(obj, path: Path) -> list[str]:
     raise LabelsError(f"labels file {path}: expected a JSON list or object of labels")
 
 
+def _failure(e: BaseException) -> str:
+    """`first_line` of a reader's error, after the exception's type where the message alone
+    says little (a KeyError's message is the missing key: `KeyError: 6`)."""
+    line = first_line(e, sentence=True)
+    if isinstance(e, (OSError, RuntimeError, ValueError, pickle.UnpicklingError)):
+        return line
+    return f"{type(e).__name__}: {line}"
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Check the header against the file's size (safetensors' own errors do not tell a
     truncated file from trailing data), then read it with `safetensors.torch.load_file`."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     size = path.stat().st_size
@@ -312,8 +323,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         )
     try:
         return load_file(path, device="cpu")
-    except SafetensorError as e:
-        raise CheckpointError(f"safetensors file {path} cannot be read: {first_line(e, sentence=True)}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # SafetensorError, or whatever else damaged bytes make it raise
+        raise CheckpointError(f"safetensors file {path} cannot be read: {_failure(e)}") from e
 
 
 def _read_torch(path: Path, fmt: str):
@@ -343,9 +356,14 @@ def _read_torch(path: Path, fmt: str):
         raise CheckpointError(
             f"{path} ends too early: the file is truncated; get or save it again"
         ) from e
-    except (RuntimeError, ValueError, OSError) as e:
+    except MemoryError:  # not the file's fault (or not knowably): not reported as bad input
+        raise
+    except Exception as e:
+        # torch's readers fail on damaged bytes with whatever the bytes lead them to: KeyError
+        # (a memo index), IndexError, struct.error, TypeError, AssertionError, RuntimeError...
+        # Only `torch.load` is in this `try`: an error of ours is not caught here.
         raise CheckpointError(
-            f"{path} cannot be read as a {_FORMAT_NAMES[fmt]} file ({first_line(e, sentence=True)}): the file is "
+            f"{path} cannot be read as a {_FORMAT_NAMES[fmt]} file ({_failure(e)}): the file is "
             "truncated or corrupt; get or save it again"
         ) from e
 
@@ -356,8 +374,7 @@ def _blocked_globals(path: Path, fmt: str, error: Exception) -> list[str]:
         try:
             with path.open("rb") as f:
                 names = list(torch.serialization.get_unsafe_globals_in_checkpoint(f))
-        except (RuntimeError, ValueError, OSError, pickle.UnpicklingError):
-            # a damaged archive: fall back to the name in torch's message
+        except Exception:  # noqa: BLE001 -- a damaged archive: the name in torch's message
             names = []
     names = [n for n in names if n != "argparse.Namespace"]
     return sorted(set(names)) or _GLOBAL.findall(str(error))[:1]
@@ -465,9 +482,16 @@ def _check_against(
         return None
 
     check_state_dict(state_dict, shapes, f"the checkpoint for {name}", hint)
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            raise CheckpointError(
+                f"the checkpoint's {key!r} holds {str(value.dtype).removeprefix('torch.')} "
+                f"values, {name} has floating-point weights: is the file damaged? get or save "
+                "it again"
+            )
     out = {}
     for key, value in state_dict.items():
-        if value.is_floating_point() and value.dtype != torch.float32:
+        if value.dtype != torch.float32:
             value = value.float()
         out[key] = value
     dtypes = sorted({str(v.dtype) for v in state_dict.values() if v.is_floating_point()})

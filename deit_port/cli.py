@@ -25,12 +25,13 @@ def _error(message: str) -> None:
     print(f"deit-port: error: {message}", file=sys.stderr)
 
 
+# The long steps of `convert` (`convert_deit_checkpoint`'s `progress`), as the bar counts them.
 STEPS = ("loading", "timm outputs", "converting", "writing", "verifying", "model card")
 
 
 @contextlib.contextmanager
-def _progress(quiet: bool) -> Iterator[Callable[[str], None] | None]:
-    """A tqdm bar over the long steps when stderr is a terminal and not `-q`; else nothing.
+def _progress(quiet: bool, steps: Sequence[str] = STEPS) -> Iterator[Callable[[str], None] | None]:
+    """A tqdm bar over the long `steps` when stderr is a terminal and not `-q`; else nothing.
 
     Without the bar, transformers' and huggingface_hub's own progress bars are off too, and
     with `-q` their warnings."""
@@ -51,15 +52,15 @@ def _progress(quiet: bool) -> Iterator[Callable[[str], None] | None]:
 
     # log lines are printed above the bar (tqdm.write), not through it
     with logging_redirect_tqdm(), tqdm(
-        total=len(STEPS), file=sys.stderr, leave=False, unit="step"
+        total=len(steps), file=sys.stderr, leave=False, unit="step"
     ) as bar:
 
         def step(name: str) -> None:
-            bar.n = STEPS.index(name) if name in STEPS else bar.n
+            bar.n = steps.index(name) if name in steps else bar.n
             bar.set_description_str(f"deit-port: {name}")
 
         yield step
-        bar.n = len(STEPS)
+        bar.n = len(steps)
         bar.refresh()
 
 
@@ -158,10 +159,13 @@ def _source_kwargs(args: argparse.Namespace) -> dict:
 
 def _cmd_to_timm(args: argparse.Namespace) -> int:
     """Write a transformers folder as a timm checkpoint: exit 0 ok, 1 parity, 2 bad input."""
+    from .reverse import STEPS as TO_TIMM_STEPS
     from .reverse import convert_hf_folder
 
-    with _progress(args.quiet):
-        result = convert_hf_folder(args.hf_dir, args.output_file, args.model, overwrite=args.overwrite)
+    with _progress(args.quiet, TO_TIMM_STEPS) as progress:
+        result = convert_hf_folder(
+            args.hf_dir, args.output_file, args.model, overwrite=args.overwrite, progress=progress
+        )
     print(f"wrote {result.output} (timm {result.target.name})")
     print(result.report.summary())
     print(f"load with: {result.target.load_hint(result.output)}")

@@ -17,15 +17,13 @@ zero (they are, for a folder `deit-port convert` wrote from a DeiT III).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
 import os
-import secrets
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +32,13 @@ from torch import nn
 
 from .arch import ArchSpec
 from .errors import BadInputError, KeyMismatchError, OutputError, ParityError, first_line
-from .io import load_hf_folder, publish_permissions
+from .io import atomic_file, load_hf_folder
+from .io import check_output_file as _check_file
 from .mapping import hf_to_timm
 from .parity import DEFAULT_ATOL, ParityReport, check_parity, parity_inputs
 
 __all__ = [
+    "STEPS",
     "ReverseResult",
     "TimmTarget",
     "check_output_file",
@@ -50,6 +50,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
+# The steps `convert_hf_folder` reports to its `progress` callback, in order.
+STEPS = ("reading", "writing", "loading in timm", "verifying")
 # Settings a timm name's architecture may differ in and still be the model meant:
 # a transformers model cannot say whether it was a DeiT III.
 _FREE_FIELDS = frozenset({"layer_scale", "no_embed_class"})
@@ -270,33 +272,12 @@ def check_output_file(output: str | os.PathLike, overwrite: bool = False) -> Pat
         OutputError: not a `.safetensors` name (timm reads other extensions as pickles), a
             folder, or an existing file without `overwrite`.
     """
-    out = Path(output).absolute()
-    if out.suffix != ".safetensors":
+    if Path(output).suffix != ".safetensors":
         raise OutputError(
-            f"output {out.name} must end in .safetensors (timm loads other names with torch.load)"
+            f"output {Path(output).name} must end in .safetensors (timm loads other names with "
+            "torch.load)"
         )
-    if out.is_dir():
-        raise OutputError(f"output {out} is a folder; give a file path")
-    if out.exists() and not overwrite:
-        raise OutputError(f"output file {out} exists; pass --overwrite to replace it")
-    return out
-
-
-@contextlib.contextmanager
-def _atomic_file(out: Path) -> Iterator[Path]:
-    """Yield a temporary `.safetensors` path beside `out`; `os.replace` it into place on
-    success, remove it on any exception (`out` is then left as it was)."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot write beside {out}: {first_line(e)}") from e
-    # a fresh name, created by the writer with the usual permissions (mkstemp would give 0600)
-    tmp = out.parent / f".{out.stem}.{os.getpid()}.{secrets.token_hex(4)}.partial.safetensors"
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return _check_file(output, overwrite)
 
 
 def convert_hf_folder(
@@ -306,6 +287,7 @@ def convert_hf_folder(
     *,
     overwrite: bool = False,
     atol: float = DEFAULT_ATOL,
+    progress: Callable[[str], None] | None = None,
 ) -> ReverseResult:
     """Write a transformers ViT/DeiT folder as a timm safetensors checkpoint, parity checked.
 
@@ -320,6 +302,8 @@ def convert_hf_folder(
         model: the timm name to write for (see `timm_target`); default: found from the config.
         overwrite: replace an existing `output_file`.
         atol: the parity contract.
+        progress: called with the name of each step as it starts (`STEPS`: `reading`,
+            `writing`, `loading in timm`, `verifying`).
 
     Returns:
         A `ReverseResult`: the output path, the timm target, the parity report.
@@ -334,17 +318,21 @@ def convert_hf_folder(
     """
     from safetensors.torch import save_file
 
+    step = progress or _no_progress
     out = check_output_file(output_file, overwrite)
+    step("reading")
     _, hf_state_dict, spec = read_hf_folder(hf_dir)
     target = timm_target(spec, model)
     logger.info("writing for timm %s %s", target.name, target.kwargs)
     state_dict = hf_to_timm(hf_state_dict, target.spec)
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}  # safetensors needs dense
-    with _atomic_file(out) as tmp:
+    with atomic_file(out, overwrite) as tmp:
+        step("writing")
         save_file(state_dict, tmp, metadata={"format": "pt"})
-        publish_permissions(tmp)  # safetensors creates its files 0600
+        step("loading in timm")
         timm_model = target.create(tmp)
         _check_loaded(timm_model, state_dict)
+        step("verifying")
         hf_model = load_hf_folder(hf_dir, spec).float()  # timm computes in float32 too
         if spec.in_chans == 3:
             inputs = parity_inputs(timm_model)
@@ -356,6 +344,10 @@ def convert_hf_folder(
         if not report.passed:
             raise ParityError(report)
     return ReverseResult(out, target, report)
+
+
+def _no_progress(step: str) -> None:
+    pass
 
 
 def _check_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
