@@ -16,22 +16,19 @@ onnx-ir, onnxruntime).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
-import secrets
-import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import io
 from .arch import ArchSpec
-from .errors import BadInputError, MissingExtraError, OutputError, ParityError, first_line
+from .errors import BadInputError, MissingExtraError, OutputError, ParityError
 from .parity import ParityReport, compare_tensors, parity_inputs, reference_outputs
 
 __all__ = [
@@ -139,52 +136,18 @@ def check_output_file(output: str | os.PathLike, overwrite: bool = False) -> Pat
     """Check that the ONNX file can be written, before any work is done.
 
     Raises:
-        OutputError: not an `.onnx` name, a folder, an existing file without `overwrite`, or
-            a path under a file.
+        OutputError: not an `.onnx` name, or as `deit_port.io.check_output_file` (a folder,
+            an existing file without `overwrite`).
     """
     out = Path(output).absolute()
     if out.suffix != ".onnx":
         raise OutputError(f"output {out.name} must end in .onnx; give a file name like model.onnx")
-    if out.is_dir():
-        raise OutputError(f"output {out} is a folder; give a file path ending in .onnx")
-    if out.exists() and not overwrite:
-        raise OutputError(f"output file {out} exists; pass --overwrite to replace it")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"cannot write {out}: {parent} is a file, not a folder")
-            break
-    return out
-
-
-@contextlib.contextmanager
-def _atomic_file(out: Path) -> Iterator[Path]:
-    """Yield a path inside a hidden `.NAME.PID.*.partial` folder beside `out`; on success move
-    what was written there into place (an external-data file first, the `.onnx` last), on any
-    exception remove it and leave `out` as it was."""
-    from .io import publish_permissions
-
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise OutputError(f"cannot write beside {out}: {first_line(e)}") from e
-    try:
-        yield tmp / out.name
-        publish_permissions(tmp)
-        for f in sorted(tmp.iterdir(), key=lambda p: p.name == out.name):  # the .onnx last
-            os.replace(f, out.parent / f.name)
-    except OSError as e:
-        raise OutputError(f"writing {out} failed: {first_line(e)}; nothing was written") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return io.check_output_file(out, overwrite)
 
 
 def _load(hf_dir: Path, spec: ArchSpec | None) -> tuple[nn.Module, ArchSpec]:
     """The folder's transformers model in float32; its spec from the config when not given."""
     from .convert import _float32
-    from .io import load_hf_folder
 
     if not (hf_dir / "config.json").is_file():
         raise OutputError(f"{hf_dir} is not a transformers model folder (no config.json)")
@@ -192,7 +155,7 @@ def _load(hf_dir: Path, spec: ArchSpec | None) -> tuple[nn.Module, ArchSpec]:
         from .reverse import read_hf_folder
 
         _, _, spec = read_hf_folder(hf_dir)
-    return load_hf_folder(hf_dir, spec, **_float32()), spec
+    return io.load_hf_folder(hf_dir, spec, **_float32()), spec
 
 
 @torch.inference_mode()
@@ -287,7 +250,7 @@ def export_onnx(
         if not report.passed:
             raise ParityError(_report(out, output_name, checks, 0.0, None))
 
-    with _atomic_file(out) as tmp:
+    with io.atomic_file(out, overwrite) as tmp:
         logger.info("exporting %s to ONNX", folder)
         start = time.perf_counter()
         program = torch.onnx.export(
@@ -299,7 +262,7 @@ def export_onnx(
             dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
             verbose=False,
         )
-        program.save(tmp)  # weights in the file up to 2 GB, beside it (NAME.data) past that
+        program.save(tmp)  # weights over 1.5 GB go beside it, into NAME.onnx.data
         seconds = time.perf_counter() - start
         opset = next(
             (
@@ -325,6 +288,10 @@ def export_onnx(
         logger.info(result.summary())
         if not result.passed:
             raise ParityError(result)
+        data = tmp.with_name(tmp.name + ".data")
+        if data.exists():  # published first: the .onnx that reads it comes when this block ends
+            with io.atomic_file(out.with_name(data.name), overwrite) as data_tmp:
+                os.rename(data, data_tmp)
     return result
 
 

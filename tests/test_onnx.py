@@ -205,6 +205,27 @@ def test_an_onnx_mismatch_after_the_export_writes_nothing(case, exported, tmp_pa
     assert _left(tmp_path) == []
 
 
+@pytest.mark.parametrize("case", [TINY])
+def test_weights_beside_the_file_are_published_too(case, exported, tmp_path, monkeypatch, ort):
+    """Past 1.5 GB of weights torch writes them beside the .onnx, as NAME.onnx.data (here
+    forced with torch's threshold at 0): both files are published, and the published .onnx
+    runs from where it lies."""
+    from torch.onnx._internal.exporter import _onnx_program
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    e = exported(case)
+    out = tmp_path / "m.onnx"
+    export_onnx(e.folder, out, TINY, init="random", seed=SEED, model_kwargs={"depth": 2})
+    assert _left(tmp_path) == ["m.onnx", "m.onnx.data"]
+    assert out.stat().st_size < (tmp_path / "m.onnx.data").stat().st_size
+    x = parity_inputs(e.timm_model, n=2, seed=SEED)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"pixel_values": x.numpy()})
+    torch.testing.assert_close(
+        torch.from_numpy(y), model_output(e.timm_model, x), atol=ATOL_MEASURED, rtol=0
+    )
+
+
 def test_without_the_extra_it_says_which_to_install(tiny_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
     out = tmp_path / "m.onnx"
