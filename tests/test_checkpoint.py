@@ -211,6 +211,24 @@ def test_half_precision_checkpoint_is_computed_in_float32(tiny, tmp_path):
         assert p.dtype == torch.float32 and torch.equal(p, half[name].float()), name
 
 
+def test_finite_weights_whose_sum_overflows_are_read(tmp_path):
+    """The NaN/Inf check sums each tensor: a finite tensor whose float32 sum overflows
+    (2 x 3e38 > 3.4e38) is counted exactly, and read."""
+    sd = {"big": torch.tensor([3e38, 3e38, -1.0]), "half": torch.full((8,), 6e4).half()}
+    ckpt = read_checkpoint(_save(sd, tmp_path / "w.safetensors", "safetensors"))
+    assert all(torch.equal(ckpt.state_dict[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_nan_or_inf_is_found_in_every_float_dtype(tmp_path, dtype, bad):
+    values = torch.linspace(-2, 2, 301).to(dtype)
+    values[150] = bad
+    path = _save({"ok": torch.ones(3), "w": values}, tmp_path / "w.safetensors", "safetensors")
+    with pytest.raises(CheckpointError, match=r"'w' holds 1 NaN/Inf value"):
+        read_checkpoint(path)
+
+
 @pytest.mark.parametrize("name", ["vit_deit_tiny_patch16_224", "deit_tiny_patch16_224.fb_in1k"])
 def test_legacy_and_tagged_names_take_a_checkpoint(tiny, tmp_path, name):
     path = _save({"model": _sd(tiny)}, tmp_path / "w.pth", "torch-zip")
