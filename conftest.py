@@ -1,6 +1,7 @@
 """Test-suite set-up: the pytest `--runslow` recipe, hypothesis profiles, the shared
 per-variant models (`converted_variant`, tests/variants.py)."""
 
+import gc
 import os
 
 import pytest
@@ -35,6 +36,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+def pytest_collection_finish(session):
+    """Put what importing and collecting made (torch, timm, transformers: some 450 000 objects
+    that live as long as the process) out of the cyclic garbage collector's reach: a full
+    collection then scans only what the tests made, 0.4 s less each (pytest runs two at the
+    end of the session, Python its own while tests run). Nothing made by a test is frozen."""
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")

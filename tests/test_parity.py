@@ -16,7 +16,6 @@ from .util import (
     ATOL_CONTRACT,
     ATOL_MEASURED,
     DEVICE,
-    FAST_VARIANTS,
     model_output,
     random_timm_model,
 )
@@ -63,11 +62,12 @@ def test_variant_parity(variant, converted_variant, record_property):
     _assert_outputs(converted.expected, hf_model, x, record_property, variant)
 
 
-@pytest.mark.parametrize("variant", variant_params(sorted(FAST_VARIANTS)))
+@pytest.mark.parametrize("variant", variant_params(["deit_tiny_patch16_224"]))
 def test_shared_conversion_is_of_the_seeded_model(variant, converted_variant):
     """The shared artefact holds what it claims: its checkpoint is `random_timm_model(variant,
     SEED)` bit for bit, its inputs are `parity_inputs` of it, its expected outputs are that
-    model's, and the timm model it loads computes them."""
+    model's, and the timm model it loads computes them. (One variant: every variant is built
+    by the same code, tests/variants.py `_build`.)"""
     converted = converted_variant(variant)
     fresh = random_timm_model(variant, seed=SEED)
     saved = load_file(converted.checkpoint)

@@ -1,5 +1,6 @@
 """Helpers shared by the tests (not part of deit_port)."""
 
+import functools
 import os
 from functools import partial
 
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from deit_port.parity import synthetic_image
-from deit_port.source import randomize_
+from deit_port.source import build_on_meta, randomize_
 
 DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
 
@@ -25,10 +26,10 @@ ATOL_MEASURED = 1e-4
 def random_timm_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     """A timm model with `pretrained=False` whose every parameter is then overwritten.
 
-    Built on the meta device and materialised uninitialised: timm's own init would only be
+    Built on the meta device without timm's init (`build_on_meta`; tests/test_arch.py checks
+    it is timm's model) and materialised uninitialised: timm's own init would only be
     overwritten (tests/test_randomize.py checks that every parameter is)."""
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, **kwargs)
+    model = build_on_meta(name, **kwargs)
     assert not list(model.buffers()), f"{name} has buffers that randomize_ does not set"
     return randomize_(model.to_empty(device="cpu"), seed).eval()
 
@@ -50,7 +51,14 @@ def _rgba(seed: int, size: tuple[int, int]) -> Image.Image:
 
 def sample_images() -> dict[str, Image.Image]:
     """The test images, in the modes a user has them. None of them is a crop-offset tie for
-    the 224/0.9, 384/1.0 and 160/0.9 configs (see test_crop_offset_tie_is_one_pixel)."""
+    the 224/0.9, 384/1.0 and 160/0.9 configs (see test_crop_offset_tie_is_one_pixel).
+
+    Made once per process; do not change them in place (`convert` returns a new image)."""
+    return dict(_sample_images())
+
+
+@functools.cache
+def _sample_images() -> dict[str, Image.Image]:
     return {
         "landscape": synthetic_image(11, (320, 240)),
         "portrait": synthetic_image(12, (240, 320)),

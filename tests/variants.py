@@ -202,7 +202,8 @@ def _build(name: str, folder: Path) -> None:
     save_file(reference, tmp / "reference.safetensors")
     save_file(model.state_dict(), tmp / "timm.safetensors")
     del model
-    gc.collect()
+    if name not in FAST_VARIANTS:  # a full collection costs 0.4 s; worth it for 2.4 GB
+        gc.collect()
     convert_deit_checkpoint(name, tmp / "hf", checkpoint=tmp / "timm.safetensors", verify=False)
     os.rename(tmp, folder)
 
