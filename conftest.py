@@ -3,6 +3,7 @@ per-variant models (`converted_variant`, tests/variants.py)."""
 
 import gc
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -23,6 +24,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run slow tests")
+    parser.addoption(
+        "--parity-table",
+        metavar="PATH",
+        help="write the measured parity of every passed case as a markdown table to PATH "
+        "(docs/parity-variants.md is written this way)",
+    )
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture
@@ -57,13 +64,75 @@ def converted_variant(tmp_path_factory):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Print the measured parity per variant (recorded by the tests with record_property)."""
-    rows = []
+    """Print the measured parity per case (recorded by the tests with record_property), and
+    with `--parity-table PATH` write it as the markdown table docs/parity-variants.md is."""
+    rows, mutations, measured = [], [], []
     for report in terminalreporter.stats.get("passed", []):
         props = dict(report.user_properties)
-        if report.when == "call" and "max_abs_diff" in props:
+        if report.when != "call":
+            continue
+        if "max_abs_diff" in props:
             rows.append((props["variant"], props["max_abs_diff"], props["mean_abs_diff"]))
-    if rows:
-        terminalreporter.section("measured parity (max / mean |diff| of logits)")
-        for variant, mx, mean in sorted(rows):
-            terminalreporter.write_line(f"{variant:40s} {mx:.3g} {mean:.3g}")
+        if "mutation_max_abs_diff" in props:
+            mutations.append((props["mutation"], props["mutation_max_abs_diff"]))
+        # other measurements: a test records ("measured", [(what, variant, value in words), ...])
+        measured += [tuple(row) for row in props.get("measured", ())]
+    if measured:
+        terminalreporter.section("measured (recorded by the tests)")
+        for what, variant, value in sorted(measured):
+            terminalreporter.write_line(f"{what:36s} {variant:32s} {value}")
+    if not rows:
+        return
+    rows.sort()
+    terminalreporter.section("measured parity (max / mean |diff| of logits)")
+    for variant, mx, mean in rows:
+        terminalreporter.write_line(f"{variant:40s} {mx:.3g} {mean:.3g}")
+    path = config.getoption("--parity-table")
+    if path:
+        _write_parity_table(Path(path), rows, sorted(mutations), config)
+        terminalreporter.write_line(f"parity table written to {path}")
+
+
+def _write_parity_table(path: Path, rows: list, mutations: list, config) -> None:
+    import platform
+
+    import timm
+    import torch
+    import transformers
+
+    args = " ".join(config.invocation_params.args)
+    lines = [
+        "# Parity per variant, measured",
+        "",
+        "Written by the test run that measured it (do not edit by hand):",
+        "",
+        "```sh",
+        f"HYPOTHESIS_PROFILE=ci pytest {args}",
+        "```",
+        "",
+        (f"Device {os.environ.get('TORCH_DEVICE', 'cpu')}, float32; python "
+        f"{platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+        f"transformers {transformers.__version__}. Each case: seeded random weights of a "
+        "realistic scale, converted, written, loaded back with `from_pretrained`, 4 inputs (a "
+        "preprocessed synthetic image and 3 N(0, 1) tensors). Asserted: allclose at the "
+        "contract 1e-3 and max |diff| <= 1e-4."),
+        "",
+        "| case | max abs diff | mean abs diff |",
+        "|---|---|---|",
+        *(f"| {variant} | {mx:.3g} | {mean:.3g} |" for variant, mx, mean in rows),
+        "",
+    ]
+    if mutations:
+        lines += [
+            "## Mutations caught",
+            "",
+            ("A correct conversion with one deliberate mistake (tests/test_mutations.py); each "
+            "must fail parity at 1e-4. Max |diff| of the logits:"),
+            "",
+            "| mutation | max abs diff |",
+            "|---|---|",
+            *(f"| {name} | {mx:.3g} |" for name, mx in mutations),
+            "",
+        ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))

@@ -1,5 +1,7 @@
 """deit_port: convert timm DeiT checkpoints to Hugging Face transformers, with proven parity."""
 
+from importlib.metadata import version
+
 from .convert import (
     ArchSpec,
     convert_deit_checkpoint,
@@ -19,4 +21,4 @@ __all__ = [
     "split_qkv",
     "timm_to_hf",
 ]
-__version__ = "0.1.0"
+__version__ = version("deit-port")  # the one place it is set: pyproject.toml

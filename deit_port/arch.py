@@ -1,7 +1,8 @@
 """The architecture description: what a timm DeiT is, read off the model's own structure.
 
 `ArchSpec.from_timm(model)` never looks at a model's name. Whatever the converter cannot
-express in transformers' ViT/DeiT classes is refused with a `ValueError` naming the feature.
+express in transformers' ViT/DeiT classes is refused with an `UnsupportedModelError` (a
+`ValueError` and a `TypeError`) naming the feature.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .errors import BadInputError, UnsupportedModelError
 
 __all__ = ["ArchSpec"]
 
@@ -40,11 +43,11 @@ class ArchSpec:
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
-            raise ValueError(
+            raise BadInputError(
                 f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}"
             )
         if self.img_size % self.patch_size:
-            raise ValueError(
+            raise BadInputError(
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
             )
 
@@ -73,22 +76,21 @@ class ArchSpec:
             The `ArchSpec`.
 
         Raises:
-            TypeError: not a timm VisionTransformer.
-            ValueError: the model has a feature transformers' ViT/DeiT cannot express; the
-                message names it.
+            UnsupportedModelError: not a timm VisionTransformer, or a feature transformers'
+                ViT/DeiT cannot express; the message names it.
         """
         from timm.layers import Mlp, PatchEmbed
         from timm.layers.attention import Attention
         from timm.models.vision_transformer import Block, VisionTransformer
 
-        def refuse(feature: str) -> ValueError:
-            return ValueError(
+        def refuse(feature: str) -> UnsupportedModelError:
+            return UnsupportedModelError(
                 f"{type(model).__name__}: {feature} is not supported by transformers' "
                 "ViT/DeiT; deit_port converts class-token ViTs with pre-norm blocks only"
             )
 
         if not isinstance(model, VisionTransformer):
-            raise TypeError(
+            raise UnsupportedModelError(
                 f"{type(model).__name__} is not a timm VisionTransformer; "
                 "deit_port converts DeiT, distilled DeiT and DeiT III models"
             )
@@ -247,5 +249,5 @@ def _is_layernorm(module: nn.Module) -> bool:
 def _square(size, what: str) -> int:
     a, b = size
     if a != b:
-        raise ValueError(f"non-square {what} {tuple(size)} is not supported")
+        raise BadInputError(f"non-square {what} {tuple(size)} is not supported")
     return int(a)

@@ -37,11 +37,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import CheckpointError, LabelsError, first_line
+
 __all__ = [
     "EMA_ENTRIES",
     "WEIGHT_ENTRIES",
     "Checkpoint",
-    "CheckpointError",
     "detect_format",
     "load_timm_model",
     "read_checkpoint",
@@ -67,10 +68,6 @@ _EXTENSIONS = {
 }
 _GAMMA = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (or labels file) cannot be used as given; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -118,14 +115,17 @@ def detect_format(path: str | os.PathLike) -> str:
     if not path.is_file():
         what = "a folder" if path.is_dir() else "not found"
         raise CheckpointError(f"checkpoint {path} is {what}: give the path of a checkpoint file")
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from e
     if size == 0:
         raise CheckpointError(
             f"checkpoint {path} is empty (0 bytes): the save or download did not complete; "
             "get the file again"
         )
-    with path.open("rb") as f:
-        head = f.read(16)
     if head.startswith(b"PK\x03\x04"):
         return "torch-zip"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
@@ -228,7 +228,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         The names in class-index order (their count is checked against the model later).
 
     Raises:
-        CheckpointError: unreadable, empty, gaps in the indices, blank or duplicate names.
+        LabelsError (a CheckpointError): unreadable, empty, gaps in the indices, blank or duplicate names.
 
     Example:
         >>> read_labels("labels.txt")[:2]
@@ -238,24 +238,24 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read labels file {path}: {_reason(e)}") from e
+        raise LabelsError(f"cannot read labels file {path}: {first_line(e)}") from e
     if text.lstrip().startswith(("[", "{")):
         try:
             labels = _labels_from_json(json.loads(text), path)
         except json.JSONDecodeError as e:
-            raise CheckpointError(f"labels file {path} is not valid JSON: {e}") from e
+            raise LabelsError(f"labels file {path} is not valid JSON: {e}") from e
     else:
         labels = text.rstrip("\n\r\t ").splitlines()
         for i, line in enumerate(labels, 1):
             if not line.strip():
-                raise CheckpointError(f"labels file {path}: line {i} is empty; one name a line")
+                raise LabelsError(f"labels file {path}: line {i} is empty; one name a line")
         labels = [line.strip() for line in labels]
     if not labels or labels == [""]:
-        raise CheckpointError(f"labels file {path} holds no labels")
+        raise LabelsError(f"labels file {path} holds no labels")
     seen = set()
     for label in labels:
         if label in seen:
-            raise CheckpointError(f"labels file {path}: {label!r} occurs twice; names must be unique")
+            raise LabelsError(f"labels file {path}: {label!r} occurs twice; names must be unique")
         seen.add(label)
     return labels
 
@@ -263,7 +263,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
 def _labels_from_json(obj, path: Path) -> list[str]:
     if isinstance(obj, list):
         if not all(isinstance(x, str) and x.strip() for x in obj):
-            raise CheckpointError(f"labels file {path}: every label must be a non-empty string")
+            raise LabelsError(f"labels file {path}: every label must be a non-empty string")
         return list(obj)
     if isinstance(obj, dict):
         if all(isinstance(v, int) and not isinstance(v, bool) for v in obj.values()):
@@ -271,24 +271,27 @@ def _labels_from_json(obj, path: Path) -> list[str]:
         elif all(re.fullmatch(r"\d+", str(k)) for k in obj):
             pairs = {int(k): v for k, v in obj.items()}  # {index: name}
         else:
-            raise CheckpointError(
+            raise LabelsError(
                 f"labels file {path}: a JSON object must map indices to names or names to indices"
             )
         if sorted(pairs) != list(range(len(pairs))):
-            raise CheckpointError(f"labels file {path}: the indices must be 0..{len(pairs) - 1}")
+            raise LabelsError(f"labels file {path}: the indices must be 0..{len(pairs) - 1}")
         return _labels_from_json([pairs[i] for i in range(len(pairs))], path)
-    raise CheckpointError(f"labels file {path}: expected a JSON list or object of labels")
+    raise LabelsError(f"labels file {path}: expected a JSON list or object of labels")
 
 
-def _reason(e: BaseException) -> str:
-    text = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
-    return text.splitlines()[0].split(". ")[0]
+def _failure(e: BaseException) -> str:
+    """`first_line` of a reader's error, after the exception's type where the message alone
+    says little (a KeyError's message is the missing key: `KeyError: 6`)."""
+    line = first_line(e, sentence=True)
+    if isinstance(e, (OSError, RuntimeError, ValueError, pickle.UnpicklingError)):
+        return line
+    return f"{type(e).__name__}: {line}"
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Check the header against the file's size (safetensors' own errors do not tell a
     truncated file from trailing data), then read it with `safetensors.torch.load_file`."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     size = path.stat().st_size
@@ -305,7 +308,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
     except (ValueError, TypeError, KeyError, IndexError) as e:
         raise CheckpointError(
-            f"safetensors file {path} has a corrupt header ({_reason(e)}): get the file again"
+            f"safetensors file {path} has a corrupt header ({first_line(e, sentence=True)}): get the file again"
         ) from e
     expected = 8 + n + max(ends, default=0)
     if size < expected:
@@ -320,8 +323,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         )
     try:
         return load_file(path, device="cpu")
-    except SafetensorError as e:
-        raise CheckpointError(f"safetensors file {path} cannot be read: {_reason(e)}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # SafetensorError, or whatever else damaged bytes make it raise
+        raise CheckpointError(f"safetensors file {path} cannot be read: {_failure(e)}") from e
 
 
 def _read_torch(path: Path, fmt: str):
@@ -344,16 +349,21 @@ def _read_torch(path: Path, fmt: str):
                 "safetensors.torch.save_file and convert that"
             ) from e
         raise CheckpointError(
-            f"{path} cannot be unpickled ({_reason(e)}): the file is truncated or corrupt; "
+            f"{path} cannot be unpickled ({first_line(e, sentence=True)}): the file is truncated or corrupt; "
             "get or save it again"
         ) from e
     except EOFError as e:
         raise CheckpointError(
             f"{path} ends too early: the file is truncated; get or save it again"
         ) from e
-    except (RuntimeError, ValueError, OSError) as e:
+    except MemoryError:  # not the file's fault (or not knowably): not reported as bad input
+        raise
+    except Exception as e:
+        # torch's readers fail on damaged bytes with whatever the bytes lead them to: KeyError
+        # (a memo index), IndexError, struct.error, TypeError, AssertionError, RuntimeError...
+        # Only `torch.load` is in this `try`: an error of ours is not caught here.
         raise CheckpointError(
-            f"{path} cannot be read as a {_FORMAT_NAMES[fmt]} file ({_reason(e)}): the file is "
+            f"{path} cannot be read as a {_FORMAT_NAMES[fmt]} file ({_failure(e)}): the file is "
             "truncated or corrupt; get or save it again"
         ) from e
 
@@ -364,8 +374,7 @@ def _blocked_globals(path: Path, fmt: str, error: Exception) -> list[str]:
         try:
             with path.open("rb") as f:
                 names = list(torch.serialization.get_unsafe_globals_in_checkpoint(f))
-        except (RuntimeError, ValueError, OSError, pickle.UnpicklingError):
-            # a damaged archive: fall back to the name in torch's message
+        except Exception:  # noqa: BLE001 -- a damaged archive: the name in torch's message
             names = []
     names = [n for n in names if n != "argparse.Namespace"]
     return sorted(set(names)) or _GLOBAL.findall(str(error))[:1]
@@ -472,42 +481,29 @@ def _check_against(
     state_dict: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], name: str
 ) -> dict[str, torch.Tensor]:
     """Keys and shapes as `shapes` (timm's key order) says, or a one-line error; float32 values."""
-    missing = sorted(k for k in shapes if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in shapes)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key{'s' if len(missing) > 1 else ''} {_few(missing)}")
-        if unexpected:
-            s = "s" if len(unexpected) > 1 else ""
-            parts.append(f"unexpected {len(unexpected)} key{s} {_few(unexpected)}")
-        raise CheckpointError(
-            f"the checkpoint does not fit {name}: {'; '.join(parts)}; is it a checkpoint of "
-            "another architecture?"
-        )
-    for key, shape in shapes.items():
-        got = tuple(state_dict[key].shape)
-        if got != shape:
-            hint = "is it a checkpoint of another variant?"
-            if key.startswith("head") and got[1:] == shape[1:]:
-                hint = f"a fine-tune with {got[0]} classes? pass --num-classes {got[0]}"
-            elif key == "pos_embed" and got[::2] == shape[::2]:
-                hint = "a fine-tune at another resolution? pass --img-size"
+    from .mapping import check_state_dict
+
+    def hint(key: str, got: tuple[int, ...], needed: tuple[int, ...]) -> str | None:
+        if key.startswith("head") and got[1:] == needed[1:]:
+            return f"a fine-tune with {got[0]} classes? pass --num-classes {got[0]}"
+        if key == "pos_embed" and got[::2] == needed[::2]:
+            return "a fine-tune at another resolution? pass --img-size"
+        return None
+
+    check_state_dict(state_dict, shapes, f"the checkpoint for {name}", hint)
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
             raise CheckpointError(
-                f"the checkpoint does not fit {name}: {key!r} has shape {got}, {name} needs "
-                f"{shape}; {hint}"
+                f"the checkpoint's {key!r} holds {str(value.dtype).removeprefix('torch.')} "
+                f"values, {name} has floating-point weights: is the file damaged? get or save "
+                "it again"
             )
     out = {}
     for key, value in state_dict.items():
-        if value.is_floating_point() and value.dtype != torch.float32:
+        if value.dtype != torch.float32:
             value = value.float()
         out[key] = value
     dtypes = sorted({str(v.dtype) for v in state_dict.values() if v.is_floating_point()})
     if dtypes != ["torch.float32"]:
         logger.info("checkpoint holds %s weights; computing in float32", ", ".join(dtypes))
     return out
-
-
-def _few(keys: list[str], n: int = 8) -> str:
-    shown = ", ".join(keys[:n])
-    return f"[{shown}{f', ... {len(keys) - n} more' if len(keys) > n else ''}]"

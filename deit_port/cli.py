@@ -1,4 +1,11 @@
-"""The `deit-port` command line. Exit codes: 0 ok, 1 parity failure, 2 bad input or usage."""
+"""The `deit-port` command line.
+
+Exit codes (`deit_port.errors`): 0 ok; 1 parity failure (the converted model or its
+preprocessing differs from timm; nothing written); 2 bad input or usage (one line on stderr;
+nothing written); 3 a bug in deit-port itself (its traceback is printed; please report it).
+Every error deit_port raises on purpose is a `DeitPortError` that carries its exit code, and
+`main` is the one place that turns it into a line and a code.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,10 @@ import argparse
 import contextlib
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 
-EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT = 0, 1, 2
+from .errors import EXIT_BUG, EXIT_OK, EXIT_PARITY, DeitPortError, ParityFailure, first_line
 
 logger = logging.getLogger("deit_port")
 
@@ -17,12 +25,13 @@ def _error(message: str) -> None:
     print(f"deit-port: error: {message}", file=sys.stderr)
 
 
+# The long steps of `convert` (`convert_deit_checkpoint`'s `progress`), as the bar counts them.
 STEPS = ("loading", "timm outputs", "converting", "writing", "verifying", "model card")
 
 
 @contextlib.contextmanager
-def _progress(quiet: bool) -> Iterator[Callable[[str], None] | None]:
-    """A tqdm bar over the long steps when stderr is a terminal and not `-q`; else nothing.
+def _progress(quiet: bool, steps: Sequence[str] = STEPS) -> Iterator[Callable[[str], None] | None]:
+    """A tqdm bar over the long `steps` when stderr is a terminal and not `-q`; else nothing.
 
     Without the bar, transformers' and huggingface_hub's own progress bars are off too, and
     with `-q` their warnings."""
@@ -43,68 +52,92 @@ def _progress(quiet: bool) -> Iterator[Callable[[str], None] | None]:
 
     # log lines are printed above the bar (tqdm.write), not through it
     with logging_redirect_tqdm(), tqdm(
-        total=len(STEPS), file=sys.stderr, leave=False, unit="step"
+        total=len(steps), file=sys.stderr, leave=False, unit="step"
     ) as bar:
 
         def step(name: str) -> None:
-            bar.n = STEPS.index(name) if name in STEPS else bar.n
+            bar.n = steps.index(name) if name in steps else bar.n
             bar.set_description_str(f"deit-port: {name}")
 
         yield step
-        bar.n = len(STEPS)
+        bar.n = len(steps)
         bar.refresh()
 
 
-def run_convert(
-    model: str, output_dir: str, *, labels_file: str | None = None, quiet: bool = False, **kwargs
-) -> int:
-    """Convert and report; map every failure to a one-line message and an exit code."""
-    from .convert import (
-        KeyMismatchError,
-        OutputError,
-        ParityError,
-        PreprocessingError,
-        WeightsUnavailableError,
-        convert_deit_checkpoint,
-        read_labels,
-    )
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import read_labels
+    from .convert import convert_deit_checkpoint
+    from .images import load_images
 
-    try:
-        if labels_file is not None:
-            kwargs["labels"] = read_labels(labels_file)
-        with _progress(quiet) as progress:
-            report = convert_deit_checkpoint(model, output_dir, progress=progress, **kwargs)
-    except (ParityError, PreprocessingError) as e:
-        _error(f"{e}; nothing was written to {output_dir}")
-        return EXIT_PARITY
-    except (OutputError, WeightsUnavailableError, KeyMismatchError, ValueError, TypeError, OSError) as e:
-        _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return EXIT_BAD_INPUT
-    print(f"wrote {output_dir}")
+    images = load_images(args.image) if args.image else None
+    labels = read_labels(args.labels) if args.labels is not None else None
+    with _progress(args.quiet) as progress:
+        report = convert_deit_checkpoint(
+            args.model,
+            args.output_dir,
+            **_source_kwargs(args),
+            labels=labels,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            verify=not args.no_verify,
+            max_shard_size=args.max_shard_size,
+            images=images,
+            progress=progress,
+            layers=args.layers,
+        )
+    print(f"wrote {args.output_dir}")
     if report is not None:
+        _print_table(report)
         print(report.summary())
     return EXIT_OK
 
 
-def run_verify(hf_dir: str, model: str, *, quiet: bool = False, **kwargs) -> int:
-    """Check a folder against timm and print the report: exit 0 match, 1 mismatch, 2 bad input."""
-    from .convert import (
-        KeyMismatchError,
-        OutputError,
-        WeightsUnavailableError,
-        verify_hf_folder,
-    )
+def _print_table(report) -> None:
+    """The per-stage table of a `--layers` report, or export-onnx's checks (else nothing)."""
+    table = report.table() if hasattr(report, "table") else ""
+    if table:
+        print(table)
 
-    try:
-        with _progress(quiet) as progress:
-            report = verify_hf_folder(hf_dir, model, progress=progress, **kwargs)
-    except (OutputError, WeightsUnavailableError, KeyMismatchError, ValueError, TypeError, OSError) as e:
-        _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return EXIT_BAD_INPUT
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Check a folder against timm and print the report: exit 0 match, 1 mismatch."""
+    from .convert import verify_hf_folder
+
+    with _progress(args.quiet) as progress:
+        report = verify_hf_folder(
+            args.hf_dir, args.model, progress=progress, layers=args.layers, **_source_kwargs(args)
+        )
+    _print_table(report)
     print(report.summary())
     if not report.passed:
-        _error(f"{hf_dir} does not compute what timm's {model} computes")
+        first = report.first_divergence
+        where = "" if first is None else f" (first divergence: {first.stage})"
+        _error(f"{args.hf_dir} does not compute what timm's {args.model} computes{where}")
         return EXIT_PARITY
+    return EXIT_OK
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Export a folder to ONNX, checked with onnxruntime: exit 0 ok, 1 parity, 2 bad input."""
+    from .errors import BadInputError
+    from .onnx_export import export_onnx
+
+    kwargs = _source_kwargs(args)
+    if args.model is None and (
+        args.checkpoint is not None or args.ema is not None or kwargs["model_kwargs"]
+        or args.init != "pretrained"
+    ):
+        raise BadInputError(
+            "--checkpoint, --init, --ema, --num-classes and --img-size choose the timm model's "
+            "weights: give MODEL (the timm name) after OUT.onnx"
+        )
+    with _progress(args.quiet):
+        report = export_onnx(
+            args.hf_dir, args.output_file, args.model, overwrite=args.overwrite, **kwargs
+        )
+    print(f"wrote {report.output}")
+    _print_table(report)
+    print(report.summary())
     return EXIT_OK
 
 
@@ -124,26 +157,15 @@ def _source_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
-    return run_verify(args.hf_dir, args.model, quiet=args.quiet, **_source_kwargs(args))
-
-
 def _cmd_to_timm(args: argparse.Namespace) -> int:
     """Write a transformers folder as a timm checkpoint: exit 0 ok, 1 parity, 2 bad input."""
-    from .convert import KeyMismatchError, OutputError, ParityError
+    from .reverse import STEPS as TO_TIMM_STEPS
     from .reverse import convert_hf_folder
 
-    try:
-        with _progress(args.quiet):
-            result = convert_hf_folder(
-                args.hf_dir, args.output_file, args.model, overwrite=args.overwrite
-            )
-    except ParityError as e:
-        _error(f"{e}; nothing was written to {args.output_file}")
-        return EXIT_PARITY
-    except (OutputError, KeyMismatchError, ValueError, TypeError, OSError) as e:
-        _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return EXIT_BAD_INPUT
+    with _progress(args.quiet, TO_TIMM_STEPS) as progress:
+        result = convert_hf_folder(
+            args.hf_dir, args.output_file, args.model, overwrite=args.overwrite, progress=progress
+        )
     print(f"wrote {result.output} (timm {result.target.name})")
     print(result.report.summary())
     print(f"load with: {result.target.load_hint(result.output)}")
@@ -176,6 +198,15 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, help="input resolution (timm img_size)")
 
 
+def add_layers_option(p) -> None:
+    """`--layers`: compare every stage and print the per-stage table."""
+    p.add_argument(
+        "--layers", action="store_true",
+        help="compare every stage (embeddings, each block, final norm, pooled tokens, logits), "
+        "print the table and name the first stage past the tolerance",
+    )
+
+
 def add_output_options(p: argparse.ArgumentParser) -> None:
     """What is written: `--labels`, `--dtype`, `--max-shard-size`."""
     p.add_argument(
@@ -190,28 +221,6 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-shard-size", default="5GB",
         help="safetensors shard size, e.g. 5GB or 500MB; larger models get an index",
-    )
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from .images import ImageLoadError, load_images
-
-    try:
-        images = load_images(args.image) if args.image else None
-    except ImageLoadError as e:
-        _error(str(e))
-        return EXIT_BAD_INPUT
-    return run_convert(
-        args.model,
-        args.output_dir,
-        **_source_kwargs(args),
-        labels_file=args.labels,
-        dtype=args.dtype,
-        quiet=args.quiet,
-        overwrite=args.overwrite,
-        verify=not args.no_verify,
-        max_shard_size=args.max_shard_size,
-        images=images,
     )
 
 
@@ -261,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_options(p)
     add_output_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    add_layers_option(check)
     p.add_argument(
         "--image", action="append", metavar="PATH_OR_URL",
         help="add your own image (file or http(s) URL) to the parity batch; repeatable",
@@ -275,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="the transformers folder (ours or one from the hub)")
     p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
     add_source_options(p)
+    add_layers_option(p)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser(
@@ -290,6 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_to_timm)
 
+    p = sub.add_parser(
+        "export-onnx", parents=[common],
+        help="export a transformers folder to ONNX (dynamic batch), checked with onnxruntime "
+        "against transformers and, given MODEL, timm; needs the onnx extra",
+    )
+    p.add_argument("hf_dir", help="the transformers folder (ours or one from the hub)")
+    p.add_argument("output_file", help="the .onnx file to write (absent, or --overwrite)")
+    p.add_argument(
+        "model", nargs="?",
+        help="the timm model name the folder came from: the ONNX file is compared with it too",
+    )
+    add_source_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_export_onnx)
+
     p = sub.add_parser("doctor", help="print library versions and where weights are looked up")
     p.set_defaults(func=_cmd_doctor)
 
@@ -298,10 +325,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def seed_parser() -> argparse.ArgumentParser:
+    """`python -m deit_port.convert`: the options of transformers' `convert_deit_timm_to_pytorch.py`
+    (`--deit_name`, `--pytorch_dump_folder_path`) and the same source and output options as
+    `deit-port convert`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m deit_port.convert",
+        description="Convert a timm DeiT model to transformers (the interface of transformers' "
+        "convert_deit_timm_to_pytorch.py), parity checked.",
+    )
+    parser.add_argument("--deit_name", dest="model", required=True, help="timm model name")
+    parser.add_argument(
+        "--pytorch_dump_folder_path", dest="output_dir", required=True, help="output folder"
+    )
+    add_source_options(parser)
+    add_output_options(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    parser.set_defaults(func=_cmd_convert, no_verify=False, image=None, layers=False)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """`deit-port`: run a command; every error becomes one line and its exit code."""
+    return _run(build_parser().parse_args(argv))
+
+
+def seed_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m deit_port.convert --deit_name ... --pytorch_dump_folder_path ...`."""
+    return _run(seed_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The one place where errors become exit codes: a `DeitPortError` is one line on stderr
+    and its `exit_code`; anything else is a bug in deit-port: its traceback, then `EXIT_BUG`."""
     configure_logging(args.quiet)
-    return args.func(args)
+    written = getattr(args, "output_dir", None) or getattr(args, "output_file", None)
+    try:
+        return args.func(args)
+    except ParityFailure as e:
+        _print_table(e.report)
+        _error(f"{first_line(e)}; nothing was written to {written}" if written else first_line(e))
+        return e.exit_code
+    except DeitPortError as e:
+        _error(first_line(e))
+        return e.exit_code
+    except Exception:  # noqa: BLE001 -- not raised on purpose: a bug, reported as one
+        traceback.print_exc()
+        _error("internal error (a bug in deit-port, not in your input): please report it with "
+               "the traceback above")
+        return EXIT_BUG
 
 
 def configure_logging(quiet: bool) -> None:

@@ -1,13 +1,13 @@
 """Convert timm DeiT models to transformers: the importable API.
 
 The pieces live in their own modules (`arch`, `mapping`, `hf_config`, `io`, `parity`,
-`source`); this module puts them together and re-exports them:
+`source`); this module puts them together and exports what a user calls (`__all__`):
 
     >>> from deit_port.convert import ArchSpec, timm_to_hf, convert_timm_model
     >>> hf_model = convert_timm_model(timm.create_model("deit_tiny_patch16_224"))
 
 Run as `python -m deit_port.convert --deit_name NAME --pytorch_dump_folder_path DIR`, the
-interface of transformers' `convert_deit_timm_to_pytorch.py`.
+interface of transformers' `convert_deit_timm_to_pytorch.py` (its parser is `cli.seed_parser`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,23 @@ from torch import nn
 
 from .arch import ArchSpec
 from .card import write_model_card
-from .checkpoint import CheckpointError, load_timm_model, read_labels
-from .hf_config import build_config, hf_class_name, hf_model_class, imagenet_labels
-from .io import (
+from .checkpoint import load_timm_model
+from .errors import (
+    BadInputError,
+    CheckpointError,
+    DeitPortError,
+    ImageLoadError,
+    KeyMismatchError,
+    MissingExtraError,
     OutputError,
+    ParityError,
+    ParityFailure,
+    PreprocessingError,
+    UnsupportedModelError,
+    WeightsUnavailableError,
+)
+from .hf_config import build_config
+from .io import (
     atomic_folder,
     check_output_dir,
     load_hf_folder,
@@ -35,7 +48,6 @@ from .io import (
     save_hf_folder,
 )
 from .mapping import (
-    KeyMismatchError,
     create_rename_keys,
     hf_to_timm,
     merge_qkv,
@@ -53,48 +65,42 @@ from .parity import (
     compare_outputs,
     parity_inputs,
     reference_outputs,
+    reference_stages,
     synthetic_image,
 )
-from .preprocess import (
-    PreprocessingError,
-    PreprocessReport,
-    compare_preprocessing,
-    save_preprocessor,
-)
-from .source import WeightsUnavailableError, create_timm_model, randomize_, resolve_model_name
+from .preprocess import compare_preprocessing, save_preprocessor
+from .source import create_timm_model, resolve_model_name
+from .versions import transformers_major
 
+# What a user calls: the conversion and verification entry points, the architecture, the
+# key mapping, the names of transformers' script, and the errors. Everything else stays in
+# its own module (`deit_port.checkpoint`, `deit_port.io`, `deit_port.source`, ...).
 __all__ = [
     "DTYPE_ATOL",
     "ArchSpec",
+    "BadInputError",
     "CheckpointError",
+    "DeitPortError",
+    "ImageLoadError",
     "KeyMismatchError",
+    "MissingExtraError",
     "OutputError",
     "ParityError",
-    "ParityReport",
-    "PreprocessReport",
+    "ParityFailure",
     "PreprocessingError",
+    "UnsupportedModelError",
     "WeightsUnavailableError",
     "build_config",
     "check_parity",
-    "compare_preprocessing",
     "convert_deit_checkpoint",
     "convert_timm_model",
     "create_rename_keys",
-    "create_timm_model",
-    "hf_class_name",
-    "hf_model_class",
     "hf_to_timm",
-    "imagenet_labels",
-    "load_timm_model",
     "merge_qkv",
     "qkv_pairs",
-    "randomize_",
     "read_in_q_k_v",
-    "read_labels",
     "rename_key",
     "rename_pairs",
-    "resolve_model_name",
-    "save_preprocessor",
     "split_qkv",
     "timm_to_hf",
     "verify_hf_folder",
@@ -109,14 +115,6 @@ logger = logging.getLogger(__name__)
 # checked in float32 at DEFAULT_ATOL before the cast.
 DTYPE_ATOL = {"float32": DEFAULT_ATOL, "float16": 5e-2, "bfloat16": 5e-1}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ParityError(RuntimeError):
-    """The converted model does not compute what the timm model computes."""
-
-    def __init__(self, report: ParityReport) -> None:
-        self.report = report
-        super().__init__(report.summary())
 
 
 def convert_timm_model(model: nn.Module, labels: Sequence[str] | None = None) -> nn.Module:
@@ -154,6 +152,7 @@ def convert_deit_checkpoint(
     ema: bool | None = None,
     dtype: str = "float32",
     progress: Callable[[str], None] | None = None,
+    layers: bool = False,
 ) -> ParityReport | None:
     """Convert the timm model `deit_name` and write a transformers folder, parity checked.
 
@@ -183,6 +182,8 @@ def convert_deit_checkpoint(
         progress: called with the name of each step as it starts (`loading`, `timm outputs`,
             `converting`, `writing`, `verifying`, `model card`); their times are logged at
             INFO (`time per step: ...`).
+        layers: compare every stage too (`check_parity(..., layers=True)`): the report's
+            `table()` and, on failure, `first_divergence` say where the models part.
 
     Returns:
         The `ParityReport` of the written folder (None without `verify`).
@@ -191,7 +192,7 @@ def convert_deit_checkpoint(
         ParityError: the check failed; nothing was written.
         PreprocessingError: the written image processor does not reproduce timm's eval
             transform (`compare_preprocessing`); nothing was written.
-        OutputError, CheckpointError, WeightsUnavailableError, ValueError: bad input; nothing
+        BadInputError (OutputError, CheckpointError, WeightsUnavailableError, ...): bad input; nothing
             was written.
 
     Example:
@@ -206,13 +207,17 @@ def convert_deit_checkpoint(
     spec = ArchSpec.from_timm(timm_model)
     config = build_config(spec, labels)
     batch = [synthetic_image(0), *(images or [])]
-    inputs = expected = None
+    inputs = expected = stages = None
     if verify:
         # timm's outputs are computed up front, so the timm model is freed before the written
         # folder is loaded back: the two models are never in memory side by side.
         step("timm outputs")
         inputs = parity_inputs(timm_model, images=batch)
-        expected = reference_outputs(timm_model, inputs)
+        if layers:
+            stages = reference_stages(timm_model, inputs)
+            expected = next(reversed(stages.values()))
+        else:
+            expected = reference_outputs(timm_model, inputs)
     step("converting")
     # The timm model and its tensors are ours (built or loaded above) and have computed their
     # outputs, so DeiT III's layer scale is folded into them in place: on a memory-mapped
@@ -223,7 +228,8 @@ def convert_deit_checkpoint(
         if verify:
             step("verifying in float32")
             exact = compare_outputs(
-                expected, load_hf_state_dict(state_dict, config, spec), inputs, atol=DEFAULT_ATOL
+                expected, load_hf_state_dict(state_dict, config, spec), inputs,
+                atol=DEFAULT_ATOL, stages=stages,
             )
             logger.info("before the cast to %s: %s", dtype_name, exact.summary())
             if not exact.passed:
@@ -246,7 +252,7 @@ def convert_deit_checkpoint(
                 raise PreprocessingError(preprocessing)
             del timm_model, state_dict
             hf_model = load_hf_folder(tmp, spec, **_float32())
-            report = compare_outputs(expected, hf_model, inputs, atol=atol)
+            report = compare_outputs(expected, hf_model, inputs, atol=atol, stages=stages)
             del hf_model
             logger.info(report.summary())
             if not report.passed:
@@ -279,6 +285,7 @@ def verify_hf_folder(
     atol: float | None = None,
     images: Sequence[Image.Image] | None = None,
     progress: Callable[[str], None] | None = None,
+    layers: bool = False,
 ) -> ParityReport:
     """Check an existing transformers folder (ours or the hub's) against a timm model.
 
@@ -292,6 +299,7 @@ def verify_hf_folder(
         atol: the tolerance (default: `DTYPE_ATOL` of the folder's dtype).
         images: more images for the parity batch.
         progress: called with `loading`, `verifying`.
+        layers: compare every stage too (`check_parity(..., layers=True)`).
 
     Returns:
         The `ParityReport`; `passed` says whether it matched.
@@ -299,7 +307,7 @@ def verify_hf_folder(
     Raises:
         OutputError: `hf_dir` is not a model folder.
         KeyMismatchError: its weights are not those of the timm model's architecture.
-        CheckpointError, WeightsUnavailableError, ValueError: bad input.
+        BadInputError (CheckpointError, WeightsUnavailableError, ...): bad input.
 
     Example:
         >>> verify_hf_folder("deit-tiny-hf", "deit_tiny_patch16_224").passed
@@ -317,7 +325,7 @@ def verify_hf_folder(
     step("verifying")
     hf_model = load_hf_folder(folder, spec, **_float32())
     inputs = parity_inputs(timm_model, images=[synthetic_image(0), *(images or [])])
-    return check_parity(timm_model, hf_model, inputs, atol=atol)
+    return check_parity(timm_model, hf_model, inputs, atol=atol, layers=layers)
 
 
 class _Steps:
@@ -352,7 +360,7 @@ def _no_progress(step: str) -> None:
 def _dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
+        raise BadInputError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
     return name, _DTYPES[name]
 
 
@@ -362,9 +370,7 @@ def _protected(checkpoint) -> tuple:
 
 def _dtype_key() -> str:
     """transformers 5 calls it `dtype` (in configs and `from_pretrained`), 4.x `torch_dtype`."""
-    import transformers
-
-    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return "dtype" if transformers_major() >= 5 else "torch_dtype"
 
 
 def _float32() -> dict:
@@ -389,7 +395,7 @@ def _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema) -> tuple[
         model, ckpt = load_timm_model(deit_name, checkpoint, ema=ema, **kwargs)
         return model, ckpt.describe()
     if ema is not None:
-        raise ValueError("--ema/--no-ema choose weights inside a --checkpoint; give one")
+        raise BadInputError("--ema/--no-ema choose weights inside a --checkpoint; give one")
     model = create_timm_model(deit_name, init=init, seed=seed, **kwargs)
     if init == "random":
         return model, f"seeded random weights (seed {seed}), not a trained model"
@@ -407,29 +413,7 @@ def _describe_inputs(images: int, total: int) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m deit_port.convert`: the interface of transformers' conversion script."""
-    import argparse
+if __name__ == "__main__":  # `python -m deit_port.convert`: the seed script's interface
+    from .cli import seed_main
 
-    from .cli import add_output_options, add_source_options, configure_logging, run_convert
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--deit_name", required=True, help="timm model name")
-    parser.add_argument("--pytorch_dump_folder_path", required=True, help="output folder")
-    add_source_options(parser)
-    add_output_options(parser)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
-    args = parser.parse_args(argv)
-    configure_logging(args.quiet)
-    model_kwargs = {k: v for k in ("num_classes", "img_size") if (v := getattr(args, k)) is not None}
-    return run_convert(
-        args.deit_name, args.pytorch_dump_folder_path,
-        init=args.init, seed=args.seed, overwrite=args.overwrite, checkpoint=args.checkpoint,
-        ema=args.ema, model_kwargs=model_kwargs, labels_file=args.labels, dtype=args.dtype,
-        max_shard_size=args.max_shard_size, quiet=args.quiet,
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(seed_main())

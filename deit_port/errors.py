@@ -23,6 +23,8 @@ The message of every error is one line that says what is wrong and what to do
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_BUG",
@@ -41,19 +43,31 @@ __all__ = [
     "PreprocessingError",
     "UnsupportedModelError",
     "WeightsUnavailableError",
+    "few",
     "first_line",
 ]
 
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none); for
-    `OSError`, its `strerror` ("No such file or directory") without the repeated path."""
+def first_line(e: BaseException, sentence: bool = False) -> str:
+    """The first line of an exception's message, for a one-line error: its type's name when
+    it has none; for an `OSError`, its `strerror` ("No such file or directory", without the
+    repeated path), "no space left on device (disk full)" for ENOSPC. With `sentence`, only
+    up to the first ". " (libraries' messages go on with advice that is not ours)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "no space left on device (disk full)"
     text = getattr(e, "strerror", None) or str(e).strip()
     if isinstance(e, KeyError) and not isinstance(e, DeitPortError) and e.args:
-        text = str(e.args[0])
-    return text.splitlines()[0] if text else type(e).__name__
+        text = str(e.args[0])  # KeyError's str() is the repr of its key
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.split(". ")[0] if sentence else line
+
+
+def few(items: list[str], n: int = 8) -> str:
+    """`[a, b, ... 3 more]`: at most `n` names of a sorted list, for one-line messages."""
+    shown = ", ".join(items[:n])
+    return f"[{shown}{f', ... {len(items) - n} more' if len(items) > n else ''}]"
 
 
 class DeitPortError(Exception):
@@ -90,15 +104,16 @@ class WeightsUnavailableError(BadInputError):
 class KeyMismatchError(BadInputError, KeyError):
     """A state dict's keys are not the ones the architecture has: lists both sides, sorted."""
 
-    def __init__(self, side: str, missing: list[str], unexpected: list[str]) -> None:
+    def __init__(self, what: str, missing: list[str], unexpected: list[str], hint: str = "") -> None:
+        """`what`: the state dict, e.g. "transformers state dict" or "the checkpoint for X"."""
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
         parts = []
-        if self.missing:
-            parts.append(f"missing keys {self.missing}")
-        if self.unexpected:
-            parts.append(f"unexpected keys {self.unexpected}")
-        super().__init__(f"{side} state dict does not match the architecture: " + "; ".join(parts))
+        for word, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                parts.append(f"{word} {len(keys)} key{'s' if len(keys) > 1 else ''} {few(keys)}")
+        hint = f"; {hint}" if hint else ""
+        super().__init__(f"{what} does not match the architecture: {'; '.join(parts)}{hint}")
 
 
 class ImageLoadError(BadInputError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .arch import ArchSpec
+from .errors import BadInputError
 
 __all__ = ["build_config", "hf_class_name", "hf_model_class", "imagenet_labels"]
 
@@ -70,9 +71,9 @@ def build_config(spec: ArchSpec, labels: Sequence[str] | None = None):
     if labels is None:
         labels = [f"LABEL_{i}" for i in range(spec.num_classes)]
     if len(labels) != spec.num_classes:
-        raise ValueError(f"{len(labels)} labels given for a model with {spec.num_classes} classes")
+        raise BadInputError(f"{len(labels)} labels given for a model with {spec.num_classes} classes")
     if len(set(labels)) != len(labels):
-        raise ValueError("class labels must be unique")
+        raise BadInputError("class labels must be unique")
     config_class = tf.DeiTConfig if spec.distilled else tf.ViTConfig
     kwargs = {}
     if spec.num_classes:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["FETCH_TIMEOUT_S", "MAX_IMAGE_BYTES", "ImageLoadError", "load_image", "load_images"]
+from .errors import ImageLoadError, first_line
+
+__all__ = ["FETCH_TIMEOUT_S", "MAX_IMAGE_BYTES", "load_image", "load_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +23,6 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 FETCH_TIMEOUT_S = 15.0
 # Servers that do not know what they serve; PIL decoding has the last word on these.
 _GENERIC_TYPES = ("application/octet-stream", "binary/octet-stream")
-
-
-class ImageLoadError(ValueError):
-    """An image could not be read, fetched or decoded; the message is one line."""
 
 
 def load_image(
@@ -60,7 +58,7 @@ def load_image(
             img.load()
             image = ImageOps.exif_transpose(img).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{text}: not a decodable image ({_first_line(e)})") from e
+        raise ImageLoadError(f"{text}: not a decodable image ({first_line(e)})") from e
     logger.info("loaded %s (%dx%d)", text, *image.size)
     return image
 
@@ -79,7 +77,7 @@ def _read(path: Path, max_bytes: int) -> bytes:
     except ImageLoadError:
         raise
     except OSError as e:
-        raise ImageLoadError(f"{path}: cannot read ({e.strerror or _first_line(e)})") from e
+        raise ImageLoadError(f"{path}: cannot read ({first_line(e)})") from e
 
 
 def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
@@ -103,8 +101,3 @@ def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
             return bytes(data)
     except requests.RequestException as e:
         raise ImageLoadError(f"{url}: cannot fetch ({type(e).__name__})") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

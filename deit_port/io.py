@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import logging
 import os
 import re
@@ -15,13 +17,14 @@ from pathlib import Path
 import torch
 
 from .arch import ArchSpec
+from .errors import BadInputError, KeyMismatchError, OutputError, first_line
 from .hf_config import hf_model_class
-from .mapping import KeyMismatchError
 
 __all__ = [
-    "OutputError",
+    "atomic_file",
     "atomic_folder",
     "check_output_dir",
+    "check_output_file",
     "load_hf_folder",
     "load_hf_state_dict",
     "publish_permissions",
@@ -29,10 +32,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class OutputError(ValueError):
-    """The output folder cannot be written as asked."""
 
 
 def check_output_dir(
@@ -84,52 +83,188 @@ def atomic_folder(
     overwrite: bool = False,
     protect: Sequence[str | os.PathLike] = (),
 ) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `output_dir`; move it into place on success.
+    """Yield a fresh temporary folder beside `output_dir`; publish it there on success.
 
     On any exception (including a parity failure raised inside the block, or KeyboardInterrupt)
     the temporary folder is removed and `output_dir` is left as it was. With `overwrite`, an
-    existing `output_dir` is replaced as a whole, so no stale shard or index survives. A process
+    existing `output_dir` is replaced as a whole, so no stale shard or index survives; without
+    it, a folder that another run wrote meanwhile is never replaced (see `_publish`). A process
     killed mid-write leaves only a hidden `.NAME.PID.*.partial` folder, never `output_dir`;
     the next run removes such leftovers of dead processes.
 
     Raises:
-        OutputError: as `check_output_dir`; or the folder cannot be written (no permission,
-            disk full, ...): the message gives the reason, nothing is left behind.
+        OutputError: as `check_output_dir`; `output_dir` was filled meanwhile (another run?)
+            and `overwrite` is off; or the folder cannot be written (no permission, disk
+            full, ...): the message gives the reason, nothing is left behind.
     """
     with contextlib.suppress(OSError):  # before the check: an earlier output may come back
         _remove_stale(Path(output_dir).absolute())
     out = check_output_dir(output_dir, overwrite, protect)
+    with _write_beside(out, overwrite, folder=True) as tmp:
+        yield tmp
+
+
+def check_output_file(output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that the file `output` can be (re)written, before any work is done.
+
+    Returns:
+        The absolute output path.
+
+    Raises:
+        OutputError: `output` is a folder, or an existing file without `overwrite`.
+    """
+    out = Path(output).absolute()
+    if out.is_dir():
+        raise OutputError(f"output {out} is a folder; give a file path")
+    if os.path.lexists(out) and not overwrite:
+        raise OutputError(f"output file {out} exists; pass --overwrite to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_file(output_file: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path with `output_file`'s name, in a hidden folder beside it; publish
+    the file written there on success. The same mechanism as `atomic_folder`: nothing is left
+    on failure, a file that appeared meanwhile is replaced only with `overwrite`, leftovers
+    of killed runs are removed by the next run.
+
+    Raises:
+        OutputError: as `check_output_file`; `output_file` appeared meanwhile without
+            `overwrite`; or it cannot be written (the reason given, nothing left behind).
+    """
+    with contextlib.suppress(OSError):
+        _remove_stale(Path(output_file).absolute())
+    out = check_output_file(output_file, overwrite)
+    with _write_beside(out, overwrite, folder=False) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _write_beside(out: Path, overwrite: bool, folder: bool) -> Iterator[Path]:
+    """The one atomic-publish mechanism. A hidden `.NAME.PID.RANDOM.partial` folder is created
+    beside `out` (mkdtemp: a new name, never someone else's); the caller writes the output
+    folder as that folder itself, or an output file as the file `NAME` inside it (so the file
+    keeps its name and extension while it is checked). On success the work gets the modes a
+    plain `mkdir`/`open` gives and is published by `_publish`; on any exception, and after
+    publishing, the `.partial` folder is removed."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(
-            tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent)
-        )
+        tmp = _hidden_folder_beside(out, ".partial")
     except OSError as e:
-        raise OutputError(f"cannot write beside {out}: {_why(e)}") from e
+        raise OutputError(f"cannot write beside {out}: {first_line(e)}") from e
+    work = tmp if folder else tmp / out.name
     try:
-        yield tmp
-        publish_permissions(tmp)
-        if out.exists():
-            old = Path(
-                tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".old", dir=out.parent)
-            )
-            os.rename(out, old / "x")  # move aside; restored if the next rename fails
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old / "x", out)
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        yield work
+        publish_permissions(work)
+        _publish(work, out, overwrite)
     except OSError as e:
         raise OutputError(
-            f"writing {out} failed: {_why(e)}; nothing was written"
-            + (", the earlier folder is untouched" if out.exists() else "")
+            f"writing {out} failed: {first_line(e)}; nothing was written"
+            + (", the earlier output is untouched" if os.path.lexists(out) else "")
         ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# What rename(2), link(2) and renameat2(2) answer when the destination is taken.
+_TAKEN = {errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
+
+
+def _publish(work: Path, out: Path, overwrite: bool) -> None:
+    """Move `work` to `out`; without `overwrite`, never replacing what is there.
+
+    Without `overwrite`, the check before the work is not enough: another run may have
+    published `out` since. So the kernel decides, atomically:
+
+    - a folder: `rename(2)`, which moves a folder onto a path only if nothing is there or an
+      EMPTY folder is (exactly what `check_output_dir` allows); a non-empty folder or a file
+      there makes it fail (ENOTEMPTY/EEXIST, ENOTDIR);
+    - a file: `renameat2(RENAME_NOREPLACE)` (Linux >= 3.15, glibc >= 2.28; ext4, xfs, btrfs,
+      tmpfs, vfat, ...), which fails with EEXIST when anything is at `out`; where the file
+      system or C library lacks it (EINVAL/ENOSYS, e.g. NFS), `link(2)` then `unlink(2)`:
+      `link` fails with EEXIST when anything is at `out` (a symlink included). A run killed
+      between the two leaves the published file complete and a second name for it in the
+      `.partial` folder, which the next run removes.
+
+    With `overwrite`, a file is `os.replace`d; an existing folder is moved aside into a
+    `.NAME.PID.*.old` folder, the new one renamed into place, and the old one restored if that
+    fails (or by the next run, if this one is killed in between), then removed.
+
+    Raises:
+        OutputError: `out` was taken meanwhile and `overwrite` is off.
+        OSError: any other failure; `out` is as it was.
+    """
+    what = "folder" if work.is_dir() else "file"
+    try:
+        if what == "folder" and not overwrite:
+            os.rename(work, out)
+        elif not overwrite:
+            _rename_noreplace(work, out)
+        elif what == "file":
+            os.replace(work, out)
+        elif out.exists():
+            _replace_folder(work, out)
+        else:
+            os.rename(work, out)
+    except OSError as e:
+        if overwrite or e.errno not in _TAKEN:
+            raise
+        if out.is_symlink():
+            raise OutputError(
+                f"output {out} is a symbolic link, which publishing would replace; give the "
+                "real path or pass --overwrite"
+            ) from e
+        raise OutputError(
+            f"output {what} {out} appeared while converting (another run?); nothing was "
+            "written; pass --overwrite to replace it"
+        ) from e
+
+
+def _hidden_folder_beside(out: Path, suffix: str) -> Path:
+    """A new folder `.NAME.PID.RANDOM{suffix}` beside `out` (the names `_remove_stale` knows)."""
+    prefix = f".{out.name}.{os.getpid()}."
+    return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=out.parent))
+
+
+def _replace_folder(work: Path, out: Path) -> None:
+    old = _hidden_folder_beside(out, ".old")
+    os.rename(out, old / "x")  # move aside; restored if the next rename fails
+    try:
+        os.rename(work, out)
+    except BaseException:
+        os.rename(old / "x", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+@functools.cache
+def _renameat2():
+    """glibc's `renameat2`, or None (another C library, or one older than glibc 2.28)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Move the file `src` to `dst` unless something is at `dst` (FileExistsError then)."""
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        paths = os.fsencode(src), os.fsencode(dst)
+        if renameat2(_AT_FDCWD, paths[0], _AT_FDCWD, paths[1], _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    os.link(src, dst)
+    os.unlink(src)
 
 
 def publish_permissions(path: Path) -> None:
@@ -139,12 +274,6 @@ def publish_permissions(path: Path) -> None:
     os.umask(umask)
     for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def _why(e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return "no space left on device (disk full)"
-    return e.strerror or str(e) or type(e).__name__
 
 
 def _remove_stale(out: Path) -> None:
@@ -212,13 +341,9 @@ def load_hf_folder(folder: str | os.PathLike, spec: ArchSpec, **kwargs) -> torch
 
     Raises:
         KeyMismatchError: transformers reported missing, unexpected or mismatched keys.
+        BadInputError: transformers cannot load the folder at all (no weights, a corrupt file).
     """
-    cls = hf_model_class(spec)
-    if spec.num_classes == 0:
-        kwargs.setdefault("add_pooling_layer", False)
-    model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
-    _raise_on_loading_info(info, "transformers")
-    return model.eval()
+    return _from_pretrained(spec, folder, **kwargs)
 
 
 def load_hf_state_dict(state_dict: dict[str, torch.Tensor], config, spec: ArchSpec):
@@ -227,18 +352,23 @@ def load_hf_state_dict(state_dict: dict[str, torch.Tensor], config, spec: ArchSp
     transformers' own `from_pretrained(None, config=..., state_dict=...)` does the loading, so
     the 4.x hub key format is renamed by whichever transformers is installed.
     """
+    return _from_pretrained(spec, None, config=config, state_dict=state_dict)
+
+
+def _from_pretrained(spec: ArchSpec, folder, **kwargs) -> torch.nn.Module:
+    """`from_pretrained` of `spec`'s class, strict: every key loaded, none left over."""
     cls = hf_model_class(spec)
-    kwargs = {"add_pooling_layer": False} if spec.num_classes == 0 else {}
-    model, info = cls.from_pretrained(
-        None, config=config, state_dict=state_dict, output_loading_info=True, **kwargs
-    )
-    _raise_on_loading_info(info, "transformers")
-    return model.eval()
-
-
-def _raise_on_loading_info(info: dict, side: str) -> None:
+    if spec.num_classes == 0:
+        kwargs.setdefault("add_pooling_layer", False)  # timm has no pooler
+    try:
+        model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:  # no weights file, a corrupt one, ...
+        raise BadInputError(
+            f"{folder} cannot be loaded as {cls.__name__}: {first_line(e)}"
+        ) from e
     missing = list(info.get("missing_keys", []))
     unexpected = list(info.get("unexpected_keys", []))
     mismatched = [str(k) for k in info.get("mismatched_keys", [])]
     if missing or unexpected or mismatched:
-        raise KeyMismatchError(side, missing + mismatched, unexpected)
+        raise KeyMismatchError("transformers state dict", missing + mismatched, unexpected)
+    return model.eval()

@@ -15,14 +15,15 @@ What is not a plain rename:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from .arch import ArchSpec
+from .errors import BadInputError, KeyMismatchError
 
 __all__ = [
-    "KeyMismatchError",
+    "check_state_dict",
     "create_rename_keys",
     "hf_prefix",
     "hf_shapes",
@@ -38,23 +39,6 @@ __all__ = [
 ]
 
 StateDict = dict[str, torch.Tensor]
-
-
-class KeyMismatchError(KeyError):
-    """A state dict's keys are not the ones the architecture has: lists both sides, sorted."""
-
-    def __init__(self, side: str, missing: list[str], unexpected: list[str]) -> None:
-        self.missing = sorted(missing)
-        self.unexpected = sorted(unexpected)
-        parts = []
-        if self.missing:
-            parts.append(f"missing keys {self.missing}")
-        if self.unexpected:
-            parts.append(f"unexpected keys {self.unexpected}")
-        super().__init__(f"{side} state dict does not match the architecture: " + "; ".join(parts))
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return self.args[0]
 
 
 def hf_prefix(spec: ArchSpec) -> str:
@@ -185,7 +169,7 @@ def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         >>> q, k, v = split_qkv(state_dict["blocks.0.attn.qkv.weight"])
     """
     if qkv.shape[0] % 3:
-        raise ValueError(f"a fused qkv tensor needs a first dim divisible by 3, got {tuple(qkv.shape)}")
+        raise BadInputError(f"a fused qkv tensor needs a first dim divisible by 3, got {tuple(qkv.shape)}")
     q, k, v = qkv.chunk(3, dim=0)
     return q, k, v
 
@@ -193,26 +177,49 @@ def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The inverse of `split_qkv`: concatenate query, key, value along the first dim."""
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
-        raise ValueError(
+        raise BadInputError(
             f"query/key/value differ: {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)}, "
             f"{q.dtype}/{k.dtype}/{v.dtype}"
         )
     return torch.cat((q, k, v), dim=0)
 
 
-def _check(state_dict: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], side: str):
+def check_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    what: str,
+    hint: Callable[[str, tuple[int, ...], tuple[int, ...]], str | None] = lambda *_: None,
+) -> None:
+    """Check that `state_dict` has exactly the keys of `shapes`, tensors of those shapes.
+
+    Args:
+        state_dict: the state dict to check.
+        shapes: key -> shape (`timm_shapes(spec)`, `hf_shapes(spec)`).
+        what: how messages name the state dict ("timm state dict", "the checkpoint for X").
+        hint: `hint(key, got, needed)` -> what to do about the first wrong shape (else: "is it
+            a checkpoint of another variant?").
+
+    Raises:
+        KeyMismatchError: keys missing or left over (both listed, sorted).
+        BadInputError: a value that is not a tensor, or the first tensor of the wrong shape
+            (named, with both shapes).
+    """
     missing = [k for k in shapes if k not in state_dict]
     unexpected = [k for k in state_dict if k not in shapes]
     if missing or unexpected:
-        raise KeyMismatchError(side, missing, unexpected)
+        raise KeyMismatchError(
+            what, missing, unexpected, hint="is it a checkpoint of another architecture?"
+        )
     for key, shape in shapes.items():
         value = state_dict[key]
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{side} state dict entry {key!r} is a {type(value).__name__}, not a tensor")
-        if tuple(value.shape) != shape:
-            raise ValueError(
-                f"{side} tensor {key!r} has shape {tuple(value.shape)}, the architecture needs "
-                f"{shape}: is the checkpoint of another variant?"
+            raise BadInputError(f"{what}: {key!r} is a {type(value).__name__}, not a tensor")
+        got = tuple(value.shape)
+        if got != shape:
+            todo = hint(key, got, shape) or "is it a checkpoint of another variant?"
+            raise BadInputError(
+                f"{what} does not fit: {key!r} has shape {got}, the architecture needs {shape}; "
+                f"{todo}"
             )
 
 
@@ -249,12 +256,12 @@ def timm_to_hf(
 
     Raises:
         KeyMismatchError: keys missing or left over (both listed, sorted).
-        ValueError: a tensor of the wrong shape (the first one is named with both shapes).
+        BadInputError: a tensor of the wrong shape (the first one is named with both shapes).
 
     Example:
         >>> hf_sd = timm_to_hf(model.state_dict(), ArchSpec.from_timm(model))
     """
-    _check(state_dict, timm_shapes(spec), "timm")
+    check_state_dict(state_dict, timm_shapes(spec), "timm state dict")
     sd = dict(state_dict)
     for gamma_key, linear in _gamma_keys(spec):
         gamma = sd.pop(gamma_key)
@@ -280,10 +287,10 @@ def hf_to_timm(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec) -> StateD
     embedding are dropped and must be zero.
 
     Raises:
-        KeyMismatchError, ValueError: as `timm_to_hf`; ValueError also when the prefix rows of
-            the position embedding are not zero under `no_embed_class`.
+        KeyMismatchError, BadInputError: as `timm_to_hf`; BadInputError also when the prefix
+            rows of the position embedding are not zero under `no_embed_class`.
     """
-    _check(state_dict, hf_shapes(spec), "transformers")
+    check_state_dict(state_dict, hf_shapes(spec), "transformers state dict")
     sd = {timm: state_dict[hf] for timm, hf in rename_pairs(spec)}
     for timm_key, hf_keys in qkv_pairs(spec):
         sd[timm_key] = merge_qkv(*(state_dict[k] for k in hf_keys))
@@ -292,7 +299,7 @@ def hf_to_timm(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec) -> StateD
             [spec.num_prefix_tokens, spec.num_patches], dim=1
         )
         if torch.count_nonzero(prefix):
-            raise ValueError(
+            raise BadInputError(
                 "the position embedding rows of the class/distillation tokens are not zero: "
                 "this model cannot be expressed with no_embed_class=True"
             )

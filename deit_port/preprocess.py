@@ -21,19 +21,20 @@ What matches (measured, see README "Preprocessing"):
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
+from .errors import BadInputError, PreprocessingError
 from .parity import data_config
+from .versions import transformers_major
 
 __all__ = [
     "PIL_ATOL",
@@ -60,21 +61,12 @@ PIL_ATOL = 1e-6
 TORCHVISION_ATOL = 0.25
 _ATOL = {"pil": PIL_ATOL, "torchvision": TORCHVISION_ATOL}
 
-_TRANSFORMERS_MAJOR = int(importlib.metadata.version("transformers").split(".")[0])
 _DEFAULT_CROP_PCT = 0.875  # timm.data.transforms_factory: `crop_pct or DEFAULT_CROP_PCT`
 # The processor fields that decide the pixels (compared field by field by compare_preprocessing).
 _FIELDS = (
     "do_resize", "size", "resample", "do_center_crop", "crop_size",
     "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
 )
-
-
-class PreprocessingError(RuntimeError):
-    """A folder's image processor does not reproduce timm's eval transform."""
-
-    def __init__(self, report: PreprocessReport) -> None:
-        self.report = report
-        super().__init__(report.summary())
 
 
 def processor_kwargs(config: dict) -> dict:
@@ -88,7 +80,7 @@ def processor_kwargs(config: dict) -> dict:
         Keyword arguments for `BitImageProcessor` (and its PIL / fast siblings).
 
     Raises:
-        ValueError: the config asks for something the processor cannot express (a non-square
+        BadInputError: the config asks for something the processor cannot express (a non-square
             center crop, `crop_mode="border"`, trimmed borders, other than 3 channels).
 
     Example:
@@ -99,14 +91,14 @@ def processor_kwargs(config: dict) -> dict:
 
     channels, height, width = config["input_size"]
     if channels != 3:
-        raise ValueError(f"cannot write an image processor for {channels}-channel input")
+        raise BadInputError(f"cannot write an image processor for {channels}-channel input")
     if config.get("crop_border_pixels"):
-        raise ValueError("timm's crop_border_pixels has no image processor equivalent")
+        raise BadInputError("timm's crop_border_pixels has no image processor equivalent")
     crop_pct = config.get("crop_pct") or _DEFAULT_CROP_PCT
     crop_mode = config.get("crop_mode") or "center"
     if crop_mode == "center":
         if height != width:
-            raise ValueError(
+            raise BadInputError(
                 f"timm resizes a {height}x{width} center crop keeping the ratio of the target; "
                 "the image processor cannot express it"
             )
@@ -114,12 +106,12 @@ def processor_kwargs(config: dict) -> dict:
     elif crop_mode == "squash":
         size = {"height": math.floor(height / crop_pct), "width": math.floor(width / crop_pct)}
     else:
-        raise ValueError(f"timm crop_mode {crop_mode!r} has no image processor equivalent")
+        raise BadInputError(f"timm crop_mode {crop_mode!r} has no image processor equivalent")
     interpolation = config.get("interpolation", "bilinear")
     try:
         resample = PILImageResampling[interpolation.upper()]
     except KeyError:
-        raise ValueError(f"timm interpolation {interpolation!r} has no PIL equivalent") from None
+        raise BadInputError(f"timm interpolation {interpolation!r} has no PIL equivalent") from None
     return {
         "do_resize": True,
         "size": size,
@@ -229,9 +221,6 @@ class PreprocessReport:
             text += f"; differs from timm's data config: {fields}"
         return text
 
-    def as_dict(self) -> dict:
-        return asdict(self) | {"matches": self.matches}
-
 
 def compare_preprocessing(
     folder: str | os.PathLike,
@@ -265,7 +254,7 @@ def compare_preprocessing(
     from timm.data import create_transform
 
     if backend not in _ATOL:
-        raise ValueError(f"backend must be one of {sorted(_ATOL)}, not {backend!r}")
+        raise BadInputError(f"backend must be one of {sorted(_ATOL)}, not {backend!r}")
     atol = _ATOL[backend] if atol is None else atol
     config = data_config(timm_model)
     transform = create_transform(**config)
@@ -299,7 +288,7 @@ def load_image_processor(folder: str | os.PathLike, backend: str = "pil"):
     5.x (`backend=`) and 4.x (the slow class is PIL; `use_fast=True` for torchvision)."""
     from transformers import AutoImageProcessor
 
-    if _TRANSFORMERS_MAJOR >= 5:
+    if transformers_major() >= 5:
         return AutoImageProcessor.from_pretrained(folder, backend=backend)
     if backend == "pil":
         return AutoImageProcessor.from_pretrained(folder)
@@ -312,9 +301,9 @@ def _processor_class(backend: str):
     names = {
         5: {"pil": "BitImageProcessorPil", "torchvision": "BitImageProcessor"},
         4: {"pil": "BitImageProcessor", "torchvision": "BitImageProcessorFast"},
-    }[min(_TRANSFORMERS_MAJOR, 5)]
+    }[min(transformers_major(), 5)]
     if backend not in names:
-        raise ValueError(f"backend must be one of {sorted(names)}, not {backend!r}")
+        raise BadInputError(f"backend must be one of {sorted(names)}, not {backend!r}")
     return getattr(transformers, names[backend])
 
 

@@ -17,15 +17,13 @@ zero (they are, for a folder `deit-port convert` wrote from a DeiT III).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
 import os
-import secrets
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +31,14 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
-from .io import OutputError, load_hf_folder, publish_permissions
+from .errors import BadInputError, KeyMismatchError, OutputError, ParityError, first_line
+from .io import atomic_file, load_hf_folder
+from .io import check_output_file as _check_file
 from .mapping import hf_to_timm
 from .parity import DEFAULT_ATOL, ParityReport, check_parity, parity_inputs
 
 __all__ = [
+    "STEPS",
     "ReverseResult",
     "TimmTarget",
     "check_output_file",
@@ -49,6 +50,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
+# The steps `convert_hf_folder` reports to its `progress` callback, in order.
+STEPS = ("reading", "writing", "loading in timm", "verifying")
 # Settings a timm name's architecture may differ in and still be the model meant:
 # a transformers model cannot say whether it was a DeiT III.
 _FREE_FIELDS = frozenset({"layer_scale", "no_embed_class"})
@@ -116,38 +119,50 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[object, dict[str, torch.T
         `ViTModel`/`DeiTModel`) is a base model, `spec.num_classes == 0`.
 
     Raises:
-        ValueError: not a folder, no safetensors weights, not a ViT/DeiT, or a setting timm's
+        BadInputError: not a folder, no safetensors weights, not a ViT/DeiT, or a setting timm's
             DeiT does not have (non-GELU activation, non-square images).
 
     Example:
         >>> config, state_dict, spec = read_hf_folder("deit-tiny-hf")
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
+        raise BadInputError(f"{folder} is not a folder")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json: not a transformers model folder")
-    config = AutoConfig.from_pretrained(folder)
+        raise BadInputError(f"{folder} has no config.json: not a transformers model folder")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # unreadable or invalid config.json
+        raise BadInputError(f"{folder}/config.json cannot be read: {first_line(e)}") from e
     if config.model_type not in ("vit", "deit"):
-        raise ValueError(
+        raise BadInputError(
             f"{folder} holds a {config.model_type!r} model; only ViT and DeiT convert to timm DeiT"
         )
     if config.hidden_act != "gelu":
-        raise ValueError(f"hidden_act {config.hidden_act!r} is not timm DeiT's exact GELU")
+        raise BadInputError(f"hidden_act {config.hidden_act!r} is not timm DeiT's exact GELU")
 
     if (folder / _INDEX).is_file():
-        weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BadInputError(f"{folder / _INDEX} is not a valid index: {first_line(e)}") from e
     elif (folder / _SINGLE).is_file():
         files = [_SINGLE]
     else:
-        raise ValueError(f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read")
+        raise BadInputError(f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read")
     state_dict: dict[str, torch.Tensor] = {}
     for name in files:
-        state_dict.update(load_file(folder / name))
+        try:
+            state_dict.update(load_file(folder / name))
+        except (OSError, SafetensorError) as e:
+            raise BadInputError(
+                f"{folder / name} cannot be read: {first_line(e)}; get or write the folder again"
+            ) from e
 
     prefix = "deit." if config.model_type == "deit" else "vit."
     base_model = not any(k.startswith(prefix) for k in state_dict)
@@ -168,7 +183,7 @@ def timm_target(spec: ArchSpec, model: str | None = None) -> TimmTarget:
             every setting passed as a kwarg.
 
     Raises:
-        ValueError: `model` is unknown or has another architecture (the differences named).
+        BadInputError: `model` is unknown or has another architecture (the differences named).
     """
     from .source import resolve_model_name, supported_models
 
@@ -176,7 +191,7 @@ def timm_target(spec: ArchSpec, model: str | None = None) -> TimmTarget:
         name = resolve_model_name(model)
         diff = _differences(_default_spec(name), spec, ignore=_FREE_FIELDS | _KWARG_FIELDS)
         if diff:
-            raise ValueError(f"timm model {name} is another architecture: {diff}")
+            raise BadInputError(f"timm model {name} is another architecture: {diff}")
         return _target_for(name, spec, ignore=_FREE_FIELDS)
     names = [
         n for n in supported_models() if not _differences(_default_spec(n), spec, _KWARG_FIELDS)
@@ -223,7 +238,7 @@ def _target_for(
     own = ArchSpec.from_timm(build_on_meta(name, **kwargs))
     diff = _differences(own, spec, ignore=ignore)
     if diff:
-        raise ValueError(f"timm cannot express this model as {name}: {diff}")
+        raise BadInputError(f"timm cannot express this model as {name}: {diff}")
     return TimmTarget(name, kwargs, own)
 
 
@@ -257,33 +272,12 @@ def check_output_file(output: str | os.PathLike, overwrite: bool = False) -> Pat
         OutputError: not a `.safetensors` name (timm reads other extensions as pickles), a
             folder, or an existing file without `overwrite`.
     """
-    out = Path(output).absolute()
-    if out.suffix != ".safetensors":
+    if Path(output).suffix != ".safetensors":
         raise OutputError(
-            f"output {out.name} must end in .safetensors (timm loads other names with torch.load)"
+            f"output {Path(output).name} must end in .safetensors (timm loads other names with "
+            "torch.load)"
         )
-    if out.is_dir():
-        raise OutputError(f"output {out} is a folder; give a file path")
-    if out.exists() and not overwrite:
-        raise OutputError(f"output file {out} exists; pass --overwrite to replace it")
-    return out
-
-
-@contextlib.contextmanager
-def _atomic_file(out: Path) -> Iterator[Path]:
-    """Yield a temporary `.safetensors` path beside `out`; `os.replace` it into place on
-    success, remove it on any exception (`out` is then left as it was)."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot write beside {out}: {e.strerror or e}") from e
-    # a fresh name, created by the writer with the usual permissions (mkstemp would give 0600)
-    tmp = out.parent / f".{out.stem}.{os.getpid()}.{secrets.token_hex(4)}.partial.safetensors"
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return _check_file(output, overwrite)
 
 
 def convert_hf_folder(
@@ -293,6 +287,7 @@ def convert_hf_folder(
     *,
     overwrite: bool = False,
     atol: float = DEFAULT_ATOL,
+    progress: Callable[[str], None] | None = None,
 ) -> ReverseResult:
     """Write a transformers ViT/DeiT folder as a timm safetensors checkpoint, parity checked.
 
@@ -307,13 +302,15 @@ def convert_hf_folder(
         model: the timm name to write for (see `timm_target`); default: found from the config.
         overwrite: replace an existing `output_file`.
         atol: the parity contract.
+        progress: called with the name of each step as it starts (`STEPS`: `reading`,
+            `writing`, `loading in timm`, `verifying`).
 
     Returns:
         A `ReverseResult`: the output path, the timm target, the parity report.
 
     Raises:
         ParityError: the check failed; nothing was written.
-        OutputError, KeyMismatchError, ValueError: bad input; nothing was written.
+        OutputError, KeyMismatchError, BadInputError: bad input; nothing was written.
 
     Example:
         >>> result = convert_hf_folder("deit-tiny-hf", "deit_tiny.safetensors")
@@ -321,19 +318,21 @@ def convert_hf_folder(
     """
     from safetensors.torch import save_file
 
-    from .convert import ParityError  # here: convert may come to import this module
-
+    step = progress or _no_progress
     out = check_output_file(output_file, overwrite)
+    step("reading")
     _, hf_state_dict, spec = read_hf_folder(hf_dir)
     target = timm_target(spec, model)
     logger.info("writing for timm %s %s", target.name, target.kwargs)
     state_dict = hf_to_timm(hf_state_dict, target.spec)
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}  # safetensors needs dense
-    with _atomic_file(out) as tmp:
+    with atomic_file(out, overwrite) as tmp:
+        step("writing")
         save_file(state_dict, tmp, metadata={"format": "pt"})
-        publish_permissions(tmp)  # safetensors creates its files 0600
+        step("loading in timm")
         timm_model = target.create(tmp)
         _check_loaded(timm_model, state_dict)
+        step("verifying")
         hf_model = load_hf_folder(hf_dir, spec).float()  # timm computes in float32 too
         if spec.in_chans == 3:
             inputs = parity_inputs(timm_model)
@@ -347,11 +346,13 @@ def convert_hf_folder(
     return ReverseResult(out, target, report)
 
 
+def _no_progress(step: str) -> None:
+    pass
+
+
 def _check_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """timm loads non-strictly in places (a classifier of another size is dropped): make sure
     the model holds exactly the written tensors."""
-    from .mapping import KeyMismatchError
-
     loaded = model.state_dict()
     if set(loaded) != set(state_dict):
         raise KeyMismatchError(
@@ -359,4 +360,4 @@ def _check_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
         )
     for key, value in state_dict.items():
         if not torch.equal(loaded[key], value.to(loaded[key].dtype)):
-            raise ValueError(f"timm did not load {key} as written (did it resample or drop it?)")
+            raise BadInputError(f"timm did not load {key} as written (did it resample or drop it?)")

@@ -9,8 +9,9 @@ import math
 import torch
 from torch import nn
 
+from .errors import BadInputError, WeightsUnavailableError, first_line
+
 __all__ = [
-    "WeightsUnavailableError",
     "build_on_meta",
     "create_timm_model",
     "randomize_",
@@ -24,10 +25,6 @@ logger = logging.getLogger(__name__)
 _LEGACY_PREFIX = "vit_deit_"
 
 
-class WeightsUnavailableError(RuntimeError):
-    """timm's pretrained weights for a model could not be had (offline, not cached, ...)."""
-
-
 def supported_models() -> list[str]:
     """The timm DeiT architectures, sorted (`timm.list_models("deit*")`)."""
     import timm
@@ -39,7 +36,7 @@ def resolve_model_name(name: str) -> str:
     """Return the timm name for `name`, accepting pretrained tags and the legacy `vit_deit_*`.
 
     Raises:
-        ValueError: an unknown name, with the closest supported names as suggestions.
+        BadInputError: an unknown name, with the closest supported names as suggestions.
     """
     import timm
 
@@ -50,7 +47,7 @@ def resolve_model_name(name: str) -> str:
         return name
     close = difflib.get_close_matches(arch, supported_models(), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "run `deit-port list` for the names"
-    raise ValueError(f"unknown timm model {name!r}: {hint}")
+    raise BadInputError(f"unknown timm model {name!r}: {hint}")
 
 
 def build_on_meta(name: str, **kwargs) -> nn.Module:
@@ -66,7 +63,19 @@ def build_on_meta(name: str, **kwargs) -> nn.Module:
         try:
             return timm.create_model(name, pretrained=False, weight_init="skip", **kwargs)
         except (AssertionError, TypeError):  # the init cannot be skipped; the same model with it
-            return timm.create_model(name, pretrained=False, **kwargs)
+            return _create(name, **kwargs)
+
+
+def _create(name: str, **kwargs) -> nn.Module:
+    """`timm.create_model(name, pretrained=False, **kwargs)`; settings timm refuses (a
+    negative class count, an unknown keyword, ...) are bad input, named."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (AssertionError, TypeError, ValueError, RuntimeError) as e:
+        settings = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its defaults"
+        raise BadInputError(f"timm cannot build {name} with {settings}: {first_line(e)}") from e
 
 
 def create_timm_model(
@@ -91,7 +100,7 @@ def create_timm_model(
         # built on the meta device: timm's own init would be overwritten anyway
         model = build_on_meta(name, **kwargs)
         if any(True for _ in model.buffers()):  # buffers are not ours to randomize
-            model = timm.create_model(name, pretrained=False, **kwargs)
+            model = _create(name, **kwargs)
         else:
             model = model.to_empty(device="cpu")
         randomize_(model, seed)
@@ -99,13 +108,12 @@ def create_timm_model(
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:  # offline, not cached, no weights for this tag, ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WeightsUnavailableError(
-                f"pretrained weights for {name} cannot be had ({first}); "
+                f"pretrained weights for {name} cannot be had ({first_line(e)}); "
                 "give --checkpoint PATH for weights you have, or --init random for seeded random ones"
             ) from e
     else:
-        raise ValueError(f"init must be 'pretrained' or 'random', not {init!r}")
+        raise BadInputError(f"init must be 'pretrained' or 'random', not {init!r}")
     return model.eval()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-__all__ = ["library_versions", "weights_lookup"]
+__all__ = ["library_versions", "transformers_major", "weights_lookup"]
 
 _LIBRARIES = ("deit-port", "torch", "timm", "transformers", "huggingface_hub", "safetensors")
 
@@ -19,6 +19,12 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def transformers_major() -> int:
+    """The installed transformers' major version (4 or 5): where their APIs differ, the one
+    place that decides."""
+    return int(version("transformers").split(".")[0])
 
 
 def weights_lookup() -> str:

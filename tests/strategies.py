@@ -8,12 +8,10 @@ optionally with NaN, infinities, -0.0 and subnormals, which a bitwise comparison
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from hypothesis import strategies as st
-from timm.layers import LayerNorm
 
 from deit_port.arch import ArchSpec
 from deit_port.mapping import timm_shapes
@@ -70,52 +68,6 @@ def arch_specs(
         qkv_bias=draw(st.booleans()),
         eps=draw(st.sampled_from([1e-6, 1e-5])),
     )
-
-
-def timm_kwargs(spec: ArchSpec) -> dict:
-    """The `VisionTransformer(**kwargs)` of `spec` (layer scale drawn as `init_values`)."""
-    ratio = spec.mlp_hidden / spec.embed_dim
-    assert int(spec.embed_dim * ratio) == spec.mlp_hidden, "MLP ratio not exact"
-    return {
-        "img_size": spec.img_size,
-        "patch_size": spec.patch_size,
-        "in_chans": spec.in_chans,
-        "num_classes": spec.num_classes,
-        "embed_dim": spec.embed_dim,
-        "depth": spec.depth,
-        "num_heads": spec.num_heads,
-        "mlp_ratio": ratio,
-        "qkv_bias": spec.qkv_bias,
-        "init_values": 0.5 if spec.layer_scale else None,
-        "no_embed_class": spec.no_embed_class,
-        "norm_layer": functools.partial(LayerNorm, eps=spec.eps),
-    }
-
-
-def build_timm_model(spec: ArchSpec, **overrides) -> torch.nn.Module:
-    """timm's `VisionTransformer` (or `VisionTransformerDistilled`) of `spec`, built directly.
-
-    Built on the current default device: wrap in `torch.device("meta")` for the structure only.
-    """
-    from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import VisionTransformer
-
-    cls = VisionTransformerDistilled if spec.distilled else VisionTransformer
-    return cls(**(timm_kwargs(spec) | overrides)).eval()
-
-
-def random_timm_model(spec: ArchSpec, seed: int) -> torch.nn.Module:
-    """`build_timm_model(spec)` with every parameter drawn by `randomize_` (seeded).
-
-    Built on the meta device and materialised empty, so timm's own init (overwritten anyway)
-    is skipped; `randomize_` writes every parameter, and these models have no buffers.
-    """
-    from deit_port.source import randomize_
-
-    with torch.device("meta"):
-        model = build_timm_model(spec)
-    assert not list(model.buffers()), "a buffer randomize_ would not write"
-    return randomize_(model.to_empty(device="cpu"), seed).eval()
 
 
 def _special_values(dtype: torch.dtype) -> torch.Tensor:

@@ -10,7 +10,7 @@ from deit_port.arch import ArchSpec
 from deit_port.mapping import hf_shapes, timm_shapes
 from deit_port.source import build_on_meta
 
-from .util import DEIT_VARIANTS
+from .util import DEIT_VARIANTS, FAST_VARIANTS
 
 # (embed_dim, depth, heads, patch, img) from the DeiT and DeiT III papers, by size name.
 PUBLISHED = {
@@ -38,10 +38,21 @@ def _registered_meta_model(name):
         return timm.create_model(name, pretrained=False)
 
 
-def test_timm_registers_the_16_deit_architectures():
-    assert len(DEIT_VARIANTS) == 16
-    assert sum(n.startswith("deit3_") for n in DEIT_VARIANTS) == 8
-    assert sum("distilled" in n for n in DEIT_VARIANTS) == 4
+def _parametrized_ids(test, argname: str) -> list[str]:
+    """The ids of a test's `@pytest.mark.parametrize(argname, ...)` cases."""
+    (mark,) = [m for m in test.pytestmark if m.name == "parametrize" and m.args[0] == argname]
+    return [p.id for p in mark.args[1]]
+
+
+def test_every_deit_timm_registers_has_a_parity_case():
+    """The variants are whatever the installed timm registers (no count pinned to a release):
+    each has a case in the parity suite, and the fast ones are among them."""
+    from . import test_parity
+
+    registered = sorted(timm.list_models("deit*"))
+    assert registered, "timm registers no DeiT model"
+    assert _parametrized_ids(test_parity.test_variant_parity, "variant") == registered
+    assert FAST_VARIANTS <= set(registered), sorted(FAST_VARIANTS - set(registered))
 
 
 @pytest.mark.parametrize("variant", DEIT_VARIANTS)

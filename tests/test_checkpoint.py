@@ -4,9 +4,6 @@ timm's pretrained path offline, the seed's interface, --dtype, --labels, shardin
 import argparse
 import json
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,12 +15,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification
 
 from deit_port import cli
-from deit_port.checkpoint import CheckpointError, load_timm_model, read_checkpoint, read_labels
+from deit_port.checkpoint import load_timm_model, read_checkpoint, read_labels
+from deit_port.cli import seed_main as convert_main
 from deit_port.convert import convert_deit_checkpoint
-from deit_port.convert import main as convert_main
+from deit_port.errors import CheckpointError
 from deit_port.parity import parity_inputs, synthetic_image
 
-from .util import model_output, random_timm_model
+from .util import assert_state_dicts_equal, model_output, random_timm_model, run_python
 
 TINY = "deit_tiny_patch16_224"
 ATOL = 1e-4  # float32 parity measured on these variants (the contract is 1e-3)
@@ -41,12 +39,6 @@ def tiny_ema():
 
 def _sd(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-
-
-def _assert_same(actual: dict, expected: dict, what: str) -> None:
-    assert sorted(actual) == sorted(expected), f"{what}: keys differ"  # safetensors sorts them
-    for k, v in expected.items():
-        assert actual[k].dtype == v.dtype and torch.equal(actual[k], v), f"{what}: {k} differs"
 
 
 def _save(obj, path: Path, how: str) -> Path:
@@ -75,7 +67,7 @@ def test_every_format_reads_bitwise(tiny, tmp_path, how, name):
     ckpt = read_checkpoint(_save(sd, tmp_path / name, how))
     assert ckpt.format == how
     assert ckpt.entry is None and not ckpt.ema
-    _assert_same(ckpt.state_dict, sd, name)
+    assert_state_dicts_equal(ckpt.state_dict, sd, name)
 
 
 RENAMED = [("safetensors", "w.pth"), ("torch-zip", "w.safetensors"), ("torch-pickle", "w.safetensors")]
@@ -88,7 +80,7 @@ def test_a_renamed_file_is_read_by_its_content(tiny, tmp_path, how, name, caplog
     with caplog.at_level(logging.WARNING, logger="deit_port"):
         ckpt = read_checkpoint(_save(sd, tmp_path / name, how))
     assert ckpt.format == how
-    _assert_same(ckpt.state_dict, sd, name)
+    assert_state_dicts_equal(ckpt.state_dict, sd, name)
     assert any(name in r.getMessage() and "holds" in r.getMessage() for r in caplog.records)
 
 
@@ -103,7 +95,7 @@ def test_facebookresearch_deit_release_checkpoint(tiny, tmp_path):
     torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 299}, path)
     ckpt = read_checkpoint(path)
     assert (ckpt.entry, ckpt.ema, ckpt.ignored) == ("model", False, ("epoch", "optimizer"))
-    _assert_same(ckpt.state_dict, sd, "model")
+    assert_state_dicts_equal(ckpt.state_dict, sd, "model")
 
 
 def test_facebookresearch_deit_training_checkpoint(tiny, tiny_ema, tmp_path):
@@ -128,10 +120,10 @@ def test_facebookresearch_deit_training_checkpoint(tiny, tiny_ema, tmp_path):
     plain = read_checkpoint(path, ema=False)
     assert (plain.entry, plain.ema) == ("model", False)
     assert "args" in plain.ignored and "model_ema" in plain.ignored
-    _assert_same(plain.state_dict, sd, "model")
+    assert_state_dicts_equal(plain.state_dict, sd, "model")
     ema = read_checkpoint(path, ema=True)
     assert (ema.entry, ema.ema) == ("model_ema", True)
-    _assert_same(ema.state_dict, ema_sd, "model_ema")
+    assert_state_dicts_equal(ema.state_dict, ema_sd, "model_ema")
     assert "EMA" in ema.describe() and "model_ema" in ema.describe()
 
 
@@ -150,7 +142,7 @@ def test_timm_training_checkpoint_entries(tiny, tiny_ema, tmp_path, layout, ema,
     obj = {k: values[k] for k in layout.split("+")} | {"epoch": 10, "arch": TINY}
     ckpt = read_checkpoint(_save(obj, tmp_path / "last.pth.tar", "torch-zip"), ema=ema)
     assert ckpt.entry == entry and ckpt.ema == entry.endswith("ema")
-    _assert_same(ckpt.state_dict, values[entry], entry)
+    assert_state_dicts_equal(ckpt.state_dict, values[entry], entry)
 
 
 def test_ema_flags_need_the_weights_they_name(tiny, tmp_path):
@@ -167,7 +159,7 @@ def test_ema_flags_need_the_weights_they_name(tiny, tmp_path):
 def test_wrapper_prefixes_are_stripped(tiny, tmp_path, prefix):
     sd = _sd(tiny)
     path = _save({prefix + k: v for k, v in sd.items()}, tmp_path / "ddp.safetensors", "safetensors")
-    _assert_same(read_checkpoint(path).state_dict, sd, prefix)
+    assert_state_dicts_equal(read_checkpoint(path).state_dict, sd, prefix)
 
 
 def test_original_deit3_gamma_names_load(tmp_path):
@@ -180,7 +172,7 @@ def test_original_deit3_gamma_names_load(tmp_path):
     assert "blocks.0.gamma_1" in original and "blocks.0.ls1.gamma" not in original
     path = _save({"model": original}, tmp_path / "deit_3_small_224_1k.pth", "torch-zip")
     loaded, _ = load_timm_model("deit3_small_patch16_224", path)
-    _assert_same(_sd(loaded), sd, "deit3")
+    assert_state_dicts_equal(_sd(loaded), sd, "deit3")
     x = parity_inputs(model, n=2, seed=0)
     assert torch.equal(model_output(loaded, x), model_output(model, x))
 
@@ -199,7 +191,7 @@ def test_load_timm_model_assigns_the_checkpoint(tiny, tmp_path):
     assert torch.equal(torch.rand(4), expected_draw)
     assert not model.training and ckpt.format == "safetensors"
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
-    _assert_same(_sd(model), sd, "model")
+    assert_state_dicts_equal(_sd(model), sd, "model")
     x = parity_inputs(tiny, n=2, seed=1)
     assert torch.equal(model_output(model, x), model_output(tiny, x))
 
@@ -233,7 +225,7 @@ def test_nan_or_inf_is_found_in_every_float_dtype(tmp_path, dtype, bad):
 def test_legacy_and_tagged_names_take_a_checkpoint(tiny, tmp_path, name):
     path = _save({"model": _sd(tiny)}, tmp_path / "w.pth", "torch-zip")
     model, _ = load_timm_model(name, path)
-    _assert_same(_sd(model), _sd(tiny), name)
+    assert_state_dicts_equal(_sd(model), _sd(tiny), name)
 
 
 # --- other VisionTransformers --------------------------------------------------------------
@@ -361,13 +353,6 @@ def test_shards_past_max_shard_size_with_a_complete_index(tiny, tmp_path):
 # --- timm's pretrained path, offline; the seed's interface; the acceptance scenario --------
 
 
-def _run(args, env=None, **kw):
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, **(env or {})}, **kw,
-    )
-
-
 def _hub_cache_with(tmp_path: Path, repo: str, state_dict: dict) -> Path:
     """A huggingface_hub cache holding `repo` as timm publishes it: `model.safetensors` in a
     snapshot, `refs/main` naming the snapshot (the file timm asks for is `pytorch_model.bin`;
@@ -395,7 +380,7 @@ def test_pretrained_from_the_local_hub_cache_offline(tiny, tmp_path):
             code = cli.main(["-q", "convert", name, {str(tmp_path)!r} + "/" + out])
             assert code == 0, (name, code)
     """)
-    r = _run(["-c", script], env=env)
+    r = run_python("-c", script, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("parity PASS") == 2
     for out in names:
@@ -435,7 +420,7 @@ def test_acceptance_offline_deit_pth_to_pipeline(tiny, tmp_path):
         classify = pipeline("image-classification", model={str(out)!r})
         print(json.dumps(classify({str(image)!r})))
     """)
-    r = _run(["-c", script], env=env)
+    r = run_python("-c", script, env=env)
     assert r.returncode == 0, r.stderr
     assert (out / "preprocessor_config.json").is_file(), "pipeline() needs the image processor"
     result = json.loads(r.stdout.strip().splitlines()[-1])

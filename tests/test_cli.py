@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -11,15 +9,10 @@ import deit_port.convert
 from deit_port import cli
 from deit_port.mapping import timm_to_hf
 
+from .util import run_python
+
 TINY = "deit_tiny_patch16_224"
 TINY_ARGS = ["--init", "random", "--seed", "1"]
-
-
-def _run(*args, env=None):
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_convert_random_writes_a_loadable_folder(tmp_path, capsys):
@@ -90,10 +83,25 @@ def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bug_keeps_its_traceback_and_exits_3(tmp_path, monkeypatch, capsys):
+    """An exception deit_port did not raise on purpose is not reported as bad input."""
+
+    def buggy(state_dict, spec, **kwargs):
+        return state_dict.no_such_method()  # an AttributeError, as a bug would raise
+
+    monkeypatch.setattr(deit_port.convert, "timm_to_hf", buggy)
+    out = tmp_path / "out"
+    assert cli.main(["-q", "convert", TINY, str(out), *TINY_ARGS]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "AttributeError" in err
+    assert "internal error" in err.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pretrained_offline_fails_clearly_without_fallback(tmp_path):
     out = tmp_path / "out"
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
-    r = _run("-m", "deit_port.cli", "convert", TINY, str(out), env=env)
+    r = run_python("-m", "deit_port.cli", "convert", TINY, str(out), env=env)
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("deit-port: error: pretrained weights for deit_tiny_patch16_224")
@@ -103,7 +111,7 @@ def test_pretrained_offline_fails_clearly_without_fallback(tmp_path):
 
 def test_seed_interface_runs_as_a_module(tmp_path):
     out = tmp_path / "out"
-    r = _run(
+    r = run_python(
         "-m", "deit_port.convert", "--deit_name", "vit_deit_tiny_distilled_patch16_224",
         "--pytorch_dump_folder_path", str(out), "--init", "random",
     )

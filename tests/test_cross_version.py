@@ -27,7 +27,7 @@ from deit_port.mapping import hf_to_timm
 from deit_port.parity import parity_inputs
 from deit_port.source import randomize_
 
-from .util import ATOL_MEASURED, model_output, random_timm_model, timm_model_for_spec
+from .util import ATOL_MEASURED, build_timm_model, model_output, random_timm_model
 
 XV_DIR = os.environ.get("DEIT_PORT_XV_DIR")
 pytestmark = pytest.mark.skipif(not XV_DIR, reason="cross-version check: set DEIT_PORT_XV_DIR")
@@ -91,7 +91,7 @@ def test_load_saved_from_other_version_via_timm(kind):
     """transformers <OTHER> save_pretrained -> hf_to_timm -> timm, against transformers <MAJOR>."""
     folder = _other_folder("saved", kind)
     spec = ArchSpec.from_hf_config(AutoConfig.from_pretrained(folder))
-    timm_model = timm_model_for_spec(spec)
+    timm_model = build_timm_model(spec)
     timm_model.load_state_dict(hf_to_timm(load_file(folder / "model.safetensors"), spec))
     hf_model, info = AutoModelForImageClassification.from_pretrained(folder, output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info

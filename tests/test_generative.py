@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from deit_port.arch import ArchSpec
 from deit_port.convert import convert_timm_model
 
-from .strategies import arch_specs, build_timm_model, random_timm_model
-from .util import ATOL_MEASURED, model_output
+from .strategies import arch_specs
+from .util import ATOL_MEASURED, build_timm_model, model_output, random_timm_model
 
 
 def _expected_class(spec: ArchSpec) -> type:

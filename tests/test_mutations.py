@@ -7,6 +7,12 @@ DeiT tiny / DeiT tiny distilled / DeiT III small at depth 2, 224 px, every param
 (`ATOL_MEASURED`, 1e-4), through both the suite's comparison and `deit_port.parity.check_parity`,
 the gate the converter uses before writing. A mutation that survives is a hole in the suite.
 
+The layer-by-layer check (`check_parity(..., layers=True)`) must also name the stage where the
+mutation sits as the first divergence: a mutation in block k first shows at `block k output`,
+one in the embeddings at `embeddings`, in the final norm at `final norm`, in a classifier at
+`logits`. A LayerNorm eps acts first in block 0's norm1 (the embeddings have no norm). This
+proves the diagnosis, not just the failure.
+
 Mutations that change nothing mathematically are not listed: the key bias (softmax ignores a
 per-query constant), or swapping only the biases of the two distilled heads (their outputs are
 averaged).
@@ -23,7 +29,7 @@ import torch
 
 from deit_port.convert import ArchSpec, build_config, timm_to_hf
 from deit_port.io import load_hf_state_dict
-from deit_port.parity import check_parity, parity_inputs
+from deit_port.parity import ParityReport, check_parity, parity_inputs
 
 from .util import ATOL_CONTRACT, ATOL_MEASURED, model_output, random_timm_model
 
@@ -81,9 +87,13 @@ def _swap_modules(sd: dict, a: str, b: str) -> None:
 
 
 # Each mutation: (model, fn(c, sd, config)) where sd and config are fresh copies to change.
-def _q_k(c, sd, config):
-    att = _layer(c.spec, 0) + "attention.attention."
+def _q_k(c, sd, config, layer=0):
+    att = _layer(c.spec, layer) + "attention.attention."
     _swap_modules(sd, att + "query", att + "key")
+
+
+def _q_k_layer1(c, sd, config):
+    _q_k(c, sd, config, layer=1)
 
 
 def _k_v(c, sd, config):
@@ -91,9 +101,25 @@ def _k_v(c, sd, config):
     _swap_modules(sd, att + "key", att + "value")
 
 
-def _norm1_norm2(c, sd, config):
-    layer = _layer(c.spec, 0)
+def _norm1_norm2(c, sd, config, layer=0):
+    layer = _layer(c.spec, layer)
     _swap_modules(sd, layer + "layernorm_before", layer + "layernorm_after")
+
+
+def _norm1_norm2_layer1(c, sd, config):
+    _norm1_norm2(c, sd, config, layer=1)
+
+
+def _final_norm_from_last_block(c, sd, config):
+    """The final norm taken from the last block's norm2 (a `norm` pattern matching too much)."""
+    prefix = "deit." if c.spec.distilled else "vit."
+    last = _layer(c.spec, c.spec.depth - 1) + "layernorm_after"
+    for param in ("weight", "bias"):
+        sd[f"{prefix}layernorm.{param}"] = sd[f"{last}.{param}"]
+
+
+def _classifier_bias_dropped(c, sd, config):
+    sd["classifier.bias"] = torch.zeros_like(sd["classifier.bias"])
 
 
 def _fc1_layers(c, sd, config):
@@ -156,57 +182,82 @@ def _patch_kernel_transposed(c, sd, config):
     sd[key] = sd[key].transpose(-1, -2)
 
 
-MUTATIONS: dict[str, tuple[str, Callable]] = {
-    "swap-q-k": (DEIT, _q_k),
-    "swap-k-v": (DEIT, _k_v),
-    "swap-norm1-norm2": (DEIT, _norm1_norm2),
-    "swap-fc1-weight-layer0-layer1": (DEIT, _fc1_layers),
-    "swap-fc2-weight-layer0-layer1": (DEIT, _fc2_layers),
-    "pos-embed-rows-rotated": (DEIT, _pos_rows_rotated),
-    "patch-kernel-transposed": (DEIT, _patch_kernel_transposed),
-    "eps-1e-12-deit": (DEIT, _eps_1e12),
-    "swap-cls-dist-token": (DISTILLED, _cls_dist_token),
-    "swap-cls-dist-head": (DISTILLED, _cls_dist_head),
-    "swap-q-k-distilled": (DISTILLED, _q_k),
-    "eps-1e-12-distilled": (DISTILLED, _eps_1e12),
-    "pos-zero-row-appended": (DEIT3, _pos_zero_row_appended),
-    "layer-scale-not-folded": (DEIT3, _layer_scale_not_folded),
-    "layer-scale-folds-swapped": (DEIT3, _layer_scale_folds_swapped),
-    "eps-1e-12-deit3": (DEIT3, _eps_1e12),
+EMB, BLOCK0, BLOCK1, NORM, LOGITS = (
+    "embeddings", "block 0 output", "block 1 output", "final norm", "logits"
+)
+
+# mutation: (model, fn, the stage where it sits: the first divergence check_parity must name)
+MUTATIONS: dict[str, tuple[str, Callable, str]] = {
+    "swap-q-k": (DEIT, _q_k, BLOCK0),
+    "swap-q-k-layer1": (DEIT, _q_k_layer1, BLOCK1),
+    "swap-k-v": (DEIT, _k_v, BLOCK0),
+    "swap-norm1-norm2": (DEIT, _norm1_norm2, BLOCK0),
+    "swap-fc1-weight-layer0-layer1": (DEIT, _fc1_layers, BLOCK0),
+    "swap-fc2-weight-layer0-layer1": (DEIT, _fc2_layers, BLOCK0),
+    "pos-embed-rows-rotated": (DEIT, _pos_rows_rotated, EMB),
+    "patch-kernel-transposed": (DEIT, _patch_kernel_transposed, EMB),
+    "final-norm-from-last-block": (DEIT, _final_norm_from_last_block, NORM),
+    "classifier-bias-dropped": (DEIT, _classifier_bias_dropped, LOGITS),
+    "eps-1e-12-deit": (DEIT, _eps_1e12, BLOCK0),
+    "swap-cls-dist-token": (DISTILLED, _cls_dist_token, EMB),
+    "swap-cls-dist-head": (DISTILLED, _cls_dist_head, LOGITS),
+    "swap-q-k-distilled": (DISTILLED, _q_k, BLOCK0),
+    "final-norm-from-last-block-distilled": (DISTILLED, _final_norm_from_last_block, NORM),
+    "eps-1e-12-distilled": (DISTILLED, _eps_1e12, BLOCK0),
+    "pos-zero-row-appended": (DEIT3, _pos_zero_row_appended, EMB),
+    "layer-scale-not-folded": (DEIT3, _layer_scale_not_folded, BLOCK0),
+    "layer-scale-folds-swapped": (DEIT3, _layer_scale_folds_swapped, BLOCK0),
+    "swap-norm1-norm2-layer1-deit3": (DEIT3, _norm1_norm2_layer1, BLOCK1),
+    "eps-1e-12-deit3": (DEIT3, _eps_1e12, BLOCK0),
 }
 
 
-def _max_diff(c: Converted, sd: dict, config) -> tuple[float, bool]:
+def _max_diff(c: Converted, sd: dict, config) -> tuple[float, ParityReport]:
+    """The suite's own max |diff| of the outputs, and the converter's layer-by-layer gate."""
     hf_model = load_hf_state_dict(sd, config, c.spec)
     actual = model_output(hf_model, c.inputs)
     diff = float((actual - c.expected).abs().max()) if actual.shape == c.expected.shape else float("inf")
-    gate = check_parity(c.timm_model, hf_model, c.inputs, atol=ATOL_MEASURED)
-    return diff, gate.passed
+    gate = check_parity(c.timm_model, hf_model, c.inputs, atol=ATOL_MEASURED, layers=True)
+    return diff, gate
 
 
 @pytest.mark.parametrize("name", [DEIT, DISTILLED, DEIT3])
 def test_the_unmutated_conversion_passes(name, converted):
     """Without this, every mutation "failing" would prove nothing."""
     c = converted(name)
-    diff, gate_passed = _max_diff(c, dict(c.state_dict), build_config(c.spec))
-    assert diff <= ATOL_MEASURED and gate_passed, f"{name}: correct conversion off by {diff:.3g}"
+    diff, gate = _max_diff(c, dict(c.state_dict), build_config(c.spec))
+    assert diff <= ATOL_MEASURED and gate.passed, f"{name}: correct conversion off by {diff:.3g}"
+    # every stage within the bound too: the first divergence of a mutation is then its own
+    assert gate.first_divergence is None, f"{name}: unmutated, yet\n{gate.table()}"
+    assert len(gate.layers) == 1 + c.spec.depth + 1 + (2 if name == DISTILLED else 1) + 1
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_every_mutation_is_caught(mutation, converted, record_property):
-    name, mutate = MUTATIONS[mutation]
+    name, mutate, stage = MUTATIONS[mutation]
     c = converted(name)
     sd, config = dict(c.state_dict), build_config(c.spec)
     mutate(c, sd, config)
     changed = [k for k in sd if sd[k] is not c.state_dict[k]]
     assert changed or config.layer_norm_eps != c.spec.eps, f"{mutation} changed nothing"
 
-    diff, gate_passed = _max_diff(c, sd, config)
+    diff, gate = _max_diff(c, sd, config)
     record_property("mutation", mutation)
     record_property("mutation_max_abs_diff", diff)
     record_property("breaks_contract", diff > ATOL_CONTRACT)
     assert diff > ATOL_MEASURED, (
         f"mutation {mutation} of {name} SURVIVED: max |diff| {diff:.3g} <= {ATOL_MEASURED}"
     )
-    assert not gate_passed, f"mutation {mutation} of {name} passes check_parity at {ATOL_MEASURED}"
+    assert not gate.passed, f"mutation {mutation} of {name} passes check_parity at {ATOL_MEASURED}"
+    first = gate.first_divergence
+    record_property("first_divergence", None if first is None else first.stage)
+    if first is not None:
+        record_property("measured", [
+            (mutation, name, f"first divergence: {first.stage}, max |diff| {first.max_abs_diff:.3g}")
+        ])
+    assert first is not None and first.stage == stage, (
+        f"mutation {mutation} of {name} sits at {stage!r} but the first stage past "
+        f"{ATOL_MEASURED} is {first and first.stage!r}:\n{gate.table()}"
+    )
+    assert f"first divergence: {stage}," in gate.summary(), gate.summary()
 

@@ -26,7 +26,8 @@ from transformers import AutoImageProcessor, pipeline
 
 import deit_port.convert
 from deit_port import cli
-from deit_port.images import ImageLoadError, load_image
+from deit_port.errors import ImageLoadError
+from deit_port.images import load_image
 from deit_port.parity import data_config, synthetic_image
 from deit_port.preprocess import (
     PIL_ATOL,

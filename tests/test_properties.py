@@ -33,36 +33,14 @@ from deit_port.mapping import (
     timm_to_hf,
 )
 
-from .strategies import (
-    DTYPES,
-    arch_specs,
+from .strategies import DTYPES, arch_specs, tensors, timm_state_dicts
+from .util import (
+    ATOL_MEASURED,
+    assert_bitwise_equal,
+    assert_state_dicts_equal,
     build_timm_model,
     random_timm_model,
-    tensors,
-    timm_state_dicts,
 )
-from .util import ATOL_MEASURED
-
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Same dtype, same shape, same bits (so NaN == NaN and -0.0 != 0.0)."""
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    bits = _INT_VIEW[expected.dtype]
-    assert torch.equal(actual.contiguous().view(bits), expected.contiguous().view(bits)), (
-        f"{what}: values differ"
-    )
-
-
-def assert_state_dicts_bitwise_equal(actual: dict, expected: dict, what: str) -> None:
-    assert sorted(actual) == sorted(expected), (
-        f"{what}: keys differ: missing {sorted(set(expected) - set(actual))}, "
-        f"unexpected {sorted(set(actual) - set(expected))}"
-    )
-    for key, value in expected.items():
-        assert_bitwise_equal(actual[key], value, f"{what}: {key}")
 
 
 def _gamma_keys(spec: ArchSpec) -> set[str]:
@@ -170,7 +148,7 @@ def test_timm_to_hf_to_timm_is_bitwise_identity(spec_and_sd):
     spec, sd = spec_and_sd
     back = hf_to_timm(timm_to_hf(sd, spec), spec)
     assert list(back) == list(sd), "keys or their order changed"
-    assert_state_dicts_bitwise_equal(back, sd, "hf_to_timm(timm_to_hf(sd))")
+    assert_state_dicts_equal(back, sd, "hf_to_timm(timm_to_hf(sd))")
 
 
 @given(arch_specs().flatmap(lambda spec: st.tuples(st.just(spec), timm_state_dicts(spec))))
@@ -208,27 +186,34 @@ def test_timm_to_hf_returns_views_of_the_source(spec_and_sd):
             assert hf[hf_key].data_ptr() == fused.data_ptr() + offset, f"{hf_key}: wrong rows"
 
 
-@given(
-    arch_specs(layer_scale=True).flatmap(
-        lambda spec: st.tuples(st.just(spec), timm_state_dicts(spec))
-    )
-)
-def test_fold_in_place_writes_the_same_bits_into_the_source(spec_and_sd):
+@pytest.mark.parametrize("layer_scale", [True, False], ids=["layer_scale", "no_layer_scale"])
+@given(data=st.data())
+def test_fold_in_place_writes_the_same_bits_into_the_source(layer_scale, data):
     """`fold_in_place` (what convert does with tensors it loaded): the same hub state dict,
-    bit for bit, with every tensor, folded Linears included, stored in the source's memory."""
-    spec, sd = spec_and_sd
+    bit for bit, with every tensor, folded Linears included, stored in the source's memory.
+    With layer scale the source's Linears now hold the folded weights; without, there is
+    nothing to fold and the source is left as it was."""
+    spec = data.draw(arch_specs(layer_scale=layer_scale), label="spec")
+    sd = data.draw(timm_state_dicts(spec), label="state dict")
+    before = {k: v.clone() for k, v in sd.items()}
     expected = timm_to_hf(sd, spec)  # leaves sd as it is; its folded Linears are new tensors
+    assert_state_dicts_equal(sd, before, "the source after timm_to_hf")
     hf = timm_to_hf(sd, spec, fold_in_place=True)
-    assert_state_dicts_bitwise_equal(hf, expected, "fold_in_place")
+    assert_state_dicts_equal(hf, expected, "fold_in_place")
     sources = {t.untyped_storage().data_ptr() for t in sd.values()}
     new = {f"{hf_prefix(spec)}embeddings.position_embeddings"} if spec.no_embed_class else set()
     for key, value in hf.items():
         assert (value.untyped_storage().data_ptr() in sources) == (key not in new), key
-    linear = "blocks.0.attn.proj.weight"
-    assert_bitwise_equal(sd[linear], expected[dict(rename_pairs(spec))[linear]], "the source's proj")
-    if not (spec.layer_scale or spec.no_embed_class):
-        sources = {t.untyped_storage().data_ptr() for t in sd.values()}
-        assert {t.untyped_storage().data_ptr() for t in hf.values()} <= sources
+    folded = {
+        f"blocks.{i}.{linear}.{p}"
+        for i in range(spec.depth) for linear in ("attn.proj", "mlp.fc2") for p in ("weight", "bias")
+    }
+    rename = dict(rename_pairs(spec))
+    for key, value in sd.items():
+        if layer_scale and key in folded:
+            assert_bitwise_equal(value, expected[rename[key]], f"the source's folded {key}")
+        else:
+            assert_bitwise_equal(value, before[key], f"the source's {key} (nothing to fold)")
 
 
 @given(
@@ -296,7 +281,7 @@ def test_hf_to_timm_to_hf_is_bitwise_identity_on_a_transformers_checkpoint(spec,
         hf_sd = load_file(Path(folder) / "model.safetensors")
     assert ArchSpec.from_hf_config(model.config, base_model=spec.num_classes == 0) == spec
     assert set(hf_sd) == set(hf_shapes(spec)), "transformers wrote other keys than planned"
-    assert_state_dicts_bitwise_equal(
+    assert_state_dicts_equal(
         timm_to_hf(hf_to_timm(hf_sd, spec), spec), hf_sd, "timm_to_hf(hf_to_timm(hf_sd))"
     )
 

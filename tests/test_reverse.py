@@ -6,10 +6,14 @@ checkpoint written back is loaded the way a user loads it,
 network switched off, and compared with the original timm model tensor by tensor.
 """
 
+import io
 import json
+import re
 import socket
+import sys
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 import transformers
@@ -21,7 +25,7 @@ from deit_port.convert import convert_deit_checkpoint
 from deit_port.mapping import hf_to_timm
 from deit_port.parity import parity_inputs
 
-from .util import ATOL_MEASURED, model_output, random_timm_model
+from .util import ATOL_MEASURED, assert_state_dicts_equal, model_output, random_timm_model
 
 SEED = 11
 SMALL = {"num_classes": 10, "img_size": 64}  # 16 patches: fast, and not the names' defaults
@@ -68,13 +72,6 @@ def _to_timm(*args) -> int:
     return cli.main(["-q", "to-timm", *map(str, args)])
 
 
-def _assert_same_tensors(actual: dict, expected: dict, what: str) -> None:
-    assert sorted(actual) == sorted(expected), f"{what}: keys differ"
-    for key, value in expected.items():
-        assert actual[key].dtype == value.dtype and actual[key].shape == value.shape, key
-        assert torch.equal(actual[key], value), f"{what}: {key} differs"
-
-
 @pytest.mark.parametrize(
     "variant, kwargs",
     [
@@ -99,8 +96,8 @@ def test_round_trip_gives_back_the_timm_model_bit_for_bit(
     loaded = timm.create_model(
         variant, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
     ).eval()
-    _assert_same_tensors(loaded.state_dict(), original.state_dict(), "timm -> HF -> timm")
-    _assert_same_tensors(load_file(out), original.state_dict(), "written file")
+    assert_state_dicts_equal(loaded.state_dict(), original.state_dict(), "timm -> HF -> timm")
+    assert_state_dicts_equal(load_file(out), original.state_dict(), "written file")
     assert [p.name for p in tmp_path.iterdir()] == ["back.safetensors"], "temp file left"
 
 
@@ -222,7 +219,7 @@ def _bad_folder(tmp_path, what):
         pytest.param("bert", [], "'bert' model", id="bert"),
         pytest.param("relu", [], "hidden_act 'relu'", id="relu"),
         pytest.param("no weights", [], "no model.safetensors", id="no-weights"),
-        pytest.param("pooler", [], "unexpected keys ['vit.pooler.dense.weight']", id="pooler"),
+        pytest.param("pooler", [], "unexpected 1 key [vit.pooler.dense.weight]", id="pooler"),
         pytest.param(
             "vit", ["--model", "deit_small_patch16_224"], "another architecture: embed_dim 384",
             id="other-architecture",
@@ -271,4 +268,48 @@ def test_sharded_folder_is_read_through_its_index(folders, tmp_path):
     _, single, spec = deit_port.reverse.read_hf_folder(hf_dir)
     _, shards, spec2 = deit_port.reverse.read_hf_folder(sharded)
     assert spec == spec2
-    _assert_same_tensors(shards, single, "sharded")
+    assert_state_dicts_equal(shards, single, "sharded")
+
+
+def test_output_that_appears_meanwhile_is_not_replaced(folders, tmp_path, capsys, monkeypatch):
+    """Another run publishes the file while this one writes and checks: exit 2, one line, the
+    other run's file untouched, nothing left (tests/test_race.py has the mechanism's tests)."""
+    hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)  # before the patch below
+    out = tmp_path / "out.safetensors"
+    real = safetensors.torch.save_file
+
+    def save_while_another_run_publishes(*args, **kwargs):
+        real(*args, **kwargs)
+        out.write_bytes(b"the other run's")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_while_another_run_publishes)
+    assert _to_timm(hf_dir, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "appeared while converting" in err, err
+    assert out.read_bytes() == b"the other run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_progress_gets_the_steps_in_order(folders, tmp_path):
+    hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)
+    steps = []
+    deit_port.reverse.convert_hf_folder(hf_dir, tmp_path / "out.safetensors", progress=steps.append)
+    assert steps == ["reading", "writing", "loading in timm", "verifying"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_moves_on_a_terminal(folders, tmp_path, monkeypatch):
+    """The bar `to-timm` shows counts its own steps (it stayed at 0% when the callback was
+    dropped)."""
+    hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.main(["to-timm", str(hf_dir), str(tmp_path / "out.safetensors")]) == 0
+    shown = re.findall(r"deit-port: ([a-z ]+):\s+(\d+)%", terminal.getvalue())
+    seen = list(dict.fromkeys(shown))  # each update once, in order
+    assert seen == [("reading", "0"), ("writing", "25"), ("loading in timm", "50"),
+                    ("verifying", "75"), ("verifying", "100")], terminal.getvalue()

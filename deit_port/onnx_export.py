@@ -1,0 +1,299 @@
+"""ONNX export of a converted folder, checked through onnxruntime before it is written.
+
+The folder is loaded in float32 and exported with `torch.onnx.export(..., dynamo=True)` with a
+dynamic batch axis (input `pixel_values`, output `logits`, or `last_hidden_state` for a base
+model). The file is written beside its final name (a hidden `.NAME.PID.*.partial` folder), run
+with onnxruntime on batches of 1 and 5, compared with the transformers model and, when the timm
+model is given, with timm; only then is it moved into place.
+
+The ONNX stack is an optional extra: `pip install 'deit-port[onnx]'` (onnx, onnxscript,
+onnx-ir, onnxruntime).
+
+    >>> report = export_onnx("deit-tiny-hf", "deit-tiny.onnx", "deit_tiny_patch16_224",
+    ...                      init="random", seed=0)
+    >>> print(report.table())
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io
+from .arch import ArchSpec
+from .errors import BadInputError, MissingExtraError, OutputError, ParityError
+from .parity import ParityReport, compare_tensors, parity_inputs, reference_outputs
+
+__all__ = [
+    "BATCH_SIZES",
+    "ONNX_ATOL",
+    "OnnxCheck",
+    "OnnxReport",
+    "export_onnx",
+    "require_onnx",
+]
+
+logger = logging.getLogger(__name__)
+
+ONNX_ATOL = 1e-4  # onnxruntime vs torch: measured 3e-6 on the fast variants (docs/parity.md)
+BATCH_SIZES = (1, 5)
+EXTRA = "pip install 'deit-port[onnx]'"
+_MODULES = ("onnx", "onnxscript", "onnx_ir", "onnxruntime")
+
+
+def require_onnx() -> None:
+    """Raise `MissingExtraError` (exit 2) naming the extra unless the ONNX stack imports."""
+    missing = []
+    for name in _MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name.replace("_", "-"))
+    if missing:
+        raise MissingExtraError(f"ONNX export needs {', '.join(missing)}, not installed: {EXTRA}")
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    """One comparison: `onnxruntime vs transformers`, `onnxruntime vs timm`, or (before the
+    export) `transformers vs timm`, on a batch of `batch` inputs."""
+
+    compared: str
+    batch: int
+    report: ParityReport
+
+
+@dataclass(frozen=True)
+class OnnxReport:
+    """What `export_onnx` checked: every (reference, batch size) comparison, and the export."""
+
+    output: Path
+    output_name: str
+    checks: tuple[OnnxCheck, ...]
+    export_seconds: float
+    opset: int | None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.report.passed for c in self.checks)
+
+    @property
+    def first_failure(self) -> OnnxCheck | None:
+        return next((c for c in self.checks if not c.report.passed), None)
+
+    def summary(self) -> str:
+        """One line: the verdict and the largest difference (or the first failing check)."""
+        if (bad := self.first_failure) is not None:
+            r = bad.report
+            return (
+                f"ONNX parity FAIL: {bad.compared}, batch {bad.batch}: {r.output} "
+                f"max |diff| {r.max_abs_diff:.3g} (atol {r.atol:g})"
+            )
+        ort = [c for c in self.checks if c.compared.startswith("onnxruntime vs ")]
+        refs = " and ".join(dict.fromkeys(c.compared.removeprefix("onnxruntime vs ") for c in ort))
+        batches = " and ".join(str(b) for b in dict.fromkeys(c.batch for c in ort))
+        worst = max(c.report.max_abs_diff for c in ort)
+        return (
+            f"ONNX parity PASS: onnxruntime vs {refs} on batches of {batches}, "
+            f"{self.output_name} max |diff| {worst:.3g} (atol {max(c.report.atol for c in ort):g}); "
+            f"exported in {self.export_seconds:.1f} s, opset {self.opset}"
+        )
+
+    def table(self) -> str:
+        """One line a comparison: what was compared, batch, max and mean |diff|, atol."""
+        width = max(len("compared"), *(len(c.compared) for c in self.checks))
+        header = f"{'compared':{width}s}  {'batch':>5s}  {'max |diff|':>10s}  {'mean |diff|':>11s}"
+        lines = [f"{header}  {'atol':>6s}"]
+        for c in self.checks:
+            r = c.report
+            lines.append(
+                f"{c.compared:{width}s}  {c.batch:5d}  {r.max_abs_diff:10.3g}  "
+                f"{r.mean_abs_diff:11.3g}  {r.atol:6g}"
+            )
+        return "\n".join(lines)
+
+
+class _Output(nn.Module):
+    """The transformers model as a function of one tensor to one tensor, for the exporter."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def check_output_file(output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that the ONNX file can be written, before any work is done.
+
+    Raises:
+        OutputError: not an `.onnx` name, or as `deit_port.io.check_output_file` (a folder,
+            an existing file without `overwrite`).
+    """
+    out = Path(output).absolute()
+    if out.suffix != ".onnx":
+        raise OutputError(f"output {out.name} must end in .onnx; give a file name like model.onnx")
+    return io.check_output_file(out, overwrite)
+
+
+def _load(hf_dir: Path, spec: ArchSpec | None) -> tuple[nn.Module, ArchSpec]:
+    """The folder's transformers model in float32; its spec from the config when not given."""
+    from .convert import _float32
+
+    if not (hf_dir / "config.json").is_file():
+        raise OutputError(f"{hf_dir} is not a transformers model folder (no config.json)")
+    if spec is None:
+        from .reverse import read_hf_folder
+
+        _, _, spec = read_hf_folder(hf_dir)
+    return io.load_hf_folder(hf_dir, spec, **_float32()), spec
+
+
+@torch.inference_mode()
+def _torch_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).float()
+
+
+def _run_onnx(session, x: torch.Tensor) -> torch.Tensor:
+    (y,) = session.run(None, {"pixel_values": x.numpy()})
+    return torch.from_numpy(y)
+
+
+def export_onnx(
+    hf_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    deit_name: str | None = None,
+    *,
+    init: str = "pretrained",
+    seed: int = 0,
+    model_kwargs: dict | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    ema: bool | None = None,
+    overwrite: bool = False,
+    atol: float = ONNX_ATOL,
+) -> OnnxReport:
+    """Export a transformers ViT/DeiT folder to ONNX, checked with onnxruntime, atomically.
+
+    Args:
+        hf_dir: the transformers folder (ours or the hub's).
+        output: the `.onnx` file to write.
+        deit_name: the timm model the folder was converted from; with it the folder is first
+            checked against timm (as `verify`), and the ONNX file is compared with timm too.
+            Without it, with the transformers model only.
+        init, seed, model_kwargs, checkpoint, ema: the timm model's weights, as for
+            `convert_deit_checkpoint`.
+        overwrite: replace an existing `output`.
+        atol: the bound for onnxruntime vs transformers, and vs timm for a float32 folder
+            (a float16/bfloat16 folder differs from timm by up to its `DTYPE_ATOL`). Before
+            the export, the folder is checked against timm as `verify` checks it.
+
+    Returns:
+        An `OnnxReport` (every check passed).
+
+    Raises:
+        MissingExtraError: the ONNX stack is not installed (`pip install 'deit-port[onnx]'`).
+        ParityError: a comparison exceeded its bound; nothing was written.
+        OutputError, KeyMismatchError, CheckpointError, BadInputError: bad input; nothing
+            was written.
+
+    Example:
+        >>> export_onnx("deit-tiny-hf", "deit-tiny.onnx", "deit_tiny_patch16_224").passed
+        True
+    """
+    require_onnx()
+    import onnx
+    import onnxruntime
+
+    from .convert import DTYPE_ATOL, _folder_dtype, _timm_source
+
+    out = check_output_file(output, overwrite)
+    folder = Path(hf_dir)
+    timm_model = None
+    if deit_name is not None:
+        timm_model, _ = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
+        spec = ArchSpec.from_timm(timm_model)
+    else:
+        if checkpoint is not None or ema is not None or model_kwargs:
+            raise BadInputError(
+                "--checkpoint, --ema and the model options choose the timm model's weights: "
+                "give MODEL (the timm name) too"
+            )
+        spec = None
+    hf_model, spec = _load(folder, spec)
+    model = _Output(hf_model).eval()
+    if timm_model is not None:
+        x = parity_inputs(timm_model, n=max(BATCH_SIZES), seed=seed)
+    else:  # no timm transform to preprocess an image with: N(0, 1), the scale of a normalised one
+        shape = (max(BATCH_SIZES), spec.in_chans, spec.img_size, spec.img_size)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    # a float16/bfloat16 folder (computed in float32) differs from timm by its rounding
+    dtype = _folder_dtype(folder)
+    timm_atol = atol if dtype == "float32" else max(atol, DTYPE_ATOL.get(dtype, atol))
+    output_name = "logits" if spec.num_classes else "last_hidden_state"
+
+    checks: list[OnnxCheck] = []
+    if timm_model is not None:  # the folder itself first: no export for a folder that differs
+        folder_atol = DTYPE_ATOL.get(dtype, DTYPE_ATOL["float32"])  # as `verify` checks it
+        report = compare_tensors(
+            reference_outputs(timm_model, x), _torch_output(model, x), folder_atol
+        )
+        checks.append(OnnxCheck("transformers vs timm", len(x), report))
+        if not report.passed:
+            raise ParityError(_report(out, output_name, checks, 0.0, None))
+
+    with io.atomic_file(out, overwrite) as tmp:
+        logger.info("exporting %s to ONNX", folder)
+        start = time.perf_counter()
+        program = torch.onnx.export(
+            model,
+            (x[:2],),  # batch 2: torch.export would specialise a batch of 1 to a constant
+            dynamo=True,
+            input_names=["pixel_values"],
+            output_names=[output_name],
+            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
+            verbose=False,
+        )
+        program.save(tmp)  # weights over 1.5 GB go beside it, into NAME.onnx.data
+        seconds = time.perf_counter() - start
+        opset = next(
+            (
+                o.version
+                for o in onnx.load(tmp, load_external_data=False).opset_import
+                if o.domain in ("", "ai.onnx")
+            ),
+            None,
+        )
+        logger.info("exported in %.1f s (opset %s); checking with onnxruntime", seconds, opset)
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        for batch in BATCH_SIZES:
+            xb = x[:batch]
+            actual = _run_onnx(session, xb)
+            ref = _torch_output(model, xb)
+            report = compare_tensors(ref, actual, atol)
+            checks.append(OnnxCheck("onnxruntime vs transformers", batch, report))
+            if timm_model is not None:
+                report = compare_tensors(reference_outputs(timm_model, xb), actual, timm_atol)
+                checks.append(OnnxCheck("onnxruntime vs timm", batch, report))
+        del session
+        result = _report(out, output_name, checks, seconds, opset)
+        logger.info(result.summary())
+        if not result.passed:
+            raise ParityError(result)
+        data = tmp.with_name(tmp.name + ".data")
+        if data.exists():  # published first: the .onnx that reads it comes when this block ends
+            with io.atomic_file(out.with_name(data.name), overwrite) as data_tmp:
+                os.rename(data, data_tmp)
+    return result
+
+
+def _report(out, output_name, checks, seconds, opset) -> OnnxReport:
+    return OnnxReport(out, output_name, tuple(checks), seconds, opset)

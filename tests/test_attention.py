@@ -1,0 +1,152 @@
+"""Both attention kernels, and attention maps.
+
+The converted folder, loaded with `attn_implementation="eager"` and with `"sdpa"`, matches
+timm's logits within `ATOL_MEASURED` (1e-4); with eager attention, `output_attentions=True`
+returns per-layer maps `(batch, heads, tokens, tokens)` equal to timm's attention
+probabilities (timm's `Attention` with `fused_attn = False`, captured at the input of
+`attn.attn_drop`, i.e. right after the softmax) within `ATOL_ATTENTION` (1e-5).
+
+The measured numbers are recorded (`record_property`) and printed at the end of the run;
+docs/parity.md lists them with this file's command.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from deit_port.convert import ArchSpec, convert_deit_checkpoint
+from deit_port.parity import parity_inputs
+
+from .util import ATOL_MEASURED, FAST_VARIANTS, model_output, random_timm_model
+
+SEED = 21
+ATOL_ATTENTION = 1e-5  # attention probabilities lie in [0, 1]
+KERNELS = ["eager", "sdpa"]
+VARIANTS = sorted(FAST_VARIANTS)  # deit tiny, deit tiny distilled, deit3 small
+
+
+@dataclass
+class Built:
+    """One variant: the timm model (seeded random weights), its converted folder, the batch."""
+
+    timm_model: torch.nn.Module
+    folder: Path
+    spec: ArchSpec
+    inputs: torch.Tensor
+
+
+def build_variant(variant: str, root: Path) -> Built:
+    """The one place a variant's timm model and converted folder are made (a shared
+    per-variant session fixture may replace this)."""
+    folder = root / variant
+    convert_deit_checkpoint(variant, folder, init="random", seed=SEED, verify=False)
+    timm_model = random_timm_model(variant, seed=SEED)
+    return Built(
+        timm_model,
+        folder,
+        ArchSpec.from_timm(timm_model),
+        parity_inputs(timm_model, n=4, seed=SEED),
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """`built(variant)`: built once per module and variant."""
+    cache: dict[str, Built] = {}
+    root = tmp_path_factory.mktemp("attention")
+
+    def get(variant: str) -> Built:
+        if variant not in cache:
+            cache[variant] = build_variant(variant, root)
+        return cache[variant]
+
+    return get
+
+
+def _load(folder: Path, kernel: str):
+    model = AutoModelForImageClassification.from_pretrained(folder, attn_implementation=kernel)
+    assert model.config._attn_implementation == kernel, model.config._attn_implementation
+    return model.eval()
+
+
+@torch.inference_mode()
+def _timm_attention_maps(timm_model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """timm's attention probabilities, one `(B, heads, T, T)` tensor a block: the unfused path
+    (`fused_attn = False`) computes them explicitly and feeds them to `attn_drop`."""
+    maps, handles = [], []
+    fused = [block.attn.fused_attn for block in timm_model.blocks]
+    try:
+        for block in timm_model.blocks:
+            block.attn.fused_attn = False
+            handles.append(
+                block.attn.attn_drop.register_forward_pre_hook(
+                    lambda _m, args: maps.append(args[0].clone())
+                )
+            )
+        timm_model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block, was in zip(timm_model.blocks, fused):
+            block.attn.fused_attn = was
+    return maps
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_both_kernels_match_timm(variant, kernel, built, record_property):
+    b = built(variant)
+    expected = model_output(b.timm_model, b.inputs)
+    actual = model_output(_load(b.folder, kernel), b.inputs)
+    diff = (actual - expected).abs()
+    record_property("variant", f"{variant} ({kernel} attention)")
+    record_property("max_abs_diff", float(diff.max()))
+    record_property("mean_abs_diff", float(diff.mean()))
+    torch.testing.assert_close(
+        actual,
+        expected,
+        atol=ATOL_MEASURED,
+        rtol=0,
+        msg=lambda m: f"{variant}, {kernel} attention, beyond {ATOL_MEASURED}: {m}",
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eager_attention_maps_equal_timms(variant, built, record_property):
+    b = built(variant)
+    expected = _timm_attention_maps(b.timm_model, b.inputs)
+    with torch.inference_mode():
+        out = _load(b.folder, "eager")(pixel_values=b.inputs, output_attentions=True)
+    actual = out.attentions
+    tokens = b.spec.num_prefix_tokens + (b.spec.img_size // b.spec.patch_size) ** 2
+    shape = (len(b.inputs), b.spec.num_heads, tokens, tokens)
+    assert len(actual) == len(expected) == b.spec.depth, (len(actual), len(expected))
+    worst, means = 0.0, []
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert tuple(a.shape) == tuple(e.shape) == shape, (i, a.shape, e.shape, shape)
+        # probabilities: every row sums to one (a check that does not lean on timm)
+        torch.testing.assert_close(a.sum(-1), torch.ones(shape[:-1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            a,
+            e,
+            atol=ATOL_ATTENTION,
+            rtol=0,
+            msg=lambda m, i=i: (
+                f"{variant}: attention map of block {i} beyond {ATOL_ATTENTION}: {m}"
+            ),
+        )
+        worst = max(worst, float((a - e).abs().max()))
+        means.append(float((a - e).abs().mean()))
+    record_property(
+        "measured",
+        [
+            (
+                "attention maps (eager)",
+                variant,
+                f"max {worst:.3g}, mean {sum(means) / len(means):.3g}",
+            )
+        ],
+    )

@@ -1,0 +1,261 @@
+"""`deit-port export-onnx`: the exported file, run by onnxruntime, computes what timm computes.
+
+The three families (DeiT, distilled, DeiT III) and a base model (num_classes=0) are exported at
+depth 2 (an export of the full 12 blocks takes 7-15 s on 2 busy cores, depth 2 about 4 s; the
+structure exported is the same) and checked here on their own, outside `export_onnx`: the
+written file is loaded with onnxruntime and run on batches of 1 and 5, against timm at
+`ATOL_MEASURED` (1e-4). One full-depth DeiT tiny goes through the command line; deit base runs
+with `--runslow`. Without the onnx extra, these skip (`pytest.importorskip`); CI installs it.
+"""
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import deit_port.onnx_export
+from deit_port import cli
+from deit_port.convert import convert_deit_checkpoint
+from deit_port.errors import ParityError
+from deit_port.onnx_export import export_onnx
+from deit_port.parity import parity_inputs
+
+from .util import ATOL_MEASURED, model_output, random_timm_model
+
+SEED = 31
+TINY = "deit_tiny_patch16_224"
+RANDOM = ["--init", "random", "--seed", str(SEED)]
+EXTRA_HINT = "pip install 'deit-port[onnx]'"
+
+# (id, timm name, model kwargs): depth 2 keeps each export near 4 s
+CASES = {
+    "deit_tiny_patch16_224": (TINY, {"depth": 2}),
+    "deit_tiny_distilled_patch16_224": ("deit_tiny_distilled_patch16_224", {"depth": 2}),
+    "deit3_small_patch16_224": ("deit3_small_patch16_224", {"depth": 2}),
+    "deit_tiny_patch16_224-headless": (TINY, {"depth": 2, "num_classes": 0}),
+    "deit_base_patch16_224": ("deit_base_patch16_224", {}),
+}
+FAST = sorted(k for k in CASES if "base" not in k)
+
+
+@pytest.fixture(scope="module")
+def ort():
+    return pytest.importorskip("onnxruntime")
+
+
+@dataclass
+class Exported:
+    """One case: the timm model, its converted folder, the ONNX file and the export report."""
+
+    timm_model: torch.nn.Module
+    folder: Path
+    onnx_file: Path
+    report: deit_port.onnx_export.OnnxReport
+
+
+def build_export(case: str, root: Path) -> Exported:
+    """The one place a case's timm model, folder and ONNX file are made."""
+    name, kwargs = CASES[case]
+    folder = root / case
+    convert_deit_checkpoint(name, folder, init="random", seed=SEED, model_kwargs=kwargs)
+    onnx_file = root / f"{case}.onnx"
+    report = export_onnx(folder, onnx_file, name, init="random", seed=SEED, model_kwargs=kwargs)
+    return Exported(random_timm_model(name, seed=SEED, **kwargs), folder, onnx_file, report)
+
+
+@pytest.fixture(scope="module")
+def exported(ort, tmp_path_factory):
+    cache: dict[str, Exported] = {}
+    root = tmp_path_factory.mktemp("onnx")
+
+    def get(case: str) -> Exported:
+        if case not in cache:
+            cache[case] = build_export(case, root)
+        return cache[case]
+
+    return get
+
+
+def _case_params():
+    return [
+        pytest.param(case, marks=() if case in FAST else pytest.mark.slow, id=case)
+        for case in sorted(CASES)
+    ]
+
+
+@pytest.mark.parametrize("batch", [1, 5], ids=["batch1", "batch5"])
+@pytest.mark.parametrize("case", _case_params())
+def test_onnxruntime_matches_timm(case, batch, exported, ort, record_property):
+    e = exported(case)
+    session = ort.InferenceSession(str(e.onnx_file), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "pixel_values" and not isinstance(inp.shape[0], int), inp.shape  # dynamic
+    x = parity_inputs(e.timm_model, n=batch, seed=SEED + 1)  # not the batch export_onnx used
+    (y,) = session.run(None, {"pixel_values": x.numpy()})
+    actual, expected = torch.from_numpy(y), model_output(e.timm_model, x)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    diff = (actual - expected).abs()
+    record_property(
+        "measured",
+        [
+            (
+                f"onnxruntime vs timm, batch {batch}",
+                case,
+                f"max {diff.max():.3g}, mean {diff.mean():.3g}; export {e.report.export_seconds:.1f} s",
+            ),
+        ],
+    )
+    torch.testing.assert_close(
+        actual,
+        expected,
+        atol=ATOL_MEASURED,
+        rtol=0,
+        msg=lambda m: f"{case}, batch {batch}: onnxruntime vs timm beyond {ATOL_MEASURED}: {m}",
+    )
+
+
+@pytest.mark.parametrize("case", FAST)
+def test_the_report_covers_both_references_and_batches(case, exported):
+    report = exported(case).report
+    assert report.passed, report.table()
+    compared = [(c.compared, c.batch) for c in report.checks]
+    assert compared == [
+        ("transformers vs timm", 5),
+        ("onnxruntime vs transformers", 1),
+        ("onnxruntime vs timm", 1),
+        ("onnxruntime vs transformers", 5),
+        ("onnxruntime vs timm", 5),
+    ]
+    for c in report.checks[1:]:
+        assert c.report.atol == ATOL_MEASURED and c.report.max_abs_diff <= ATOL_MEASURED, c
+    assert report.output_name == ("last_hidden_state" if "headless" in case else "logits")
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[TINY])  # the param puts the variant in the test ids
+def tiny_folder(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx_cli") / "hf"
+    convert_deit_checkpoint(request.param, out, init="random", seed=SEED)
+    return out
+
+
+def _one_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deit-port: error: "), err
+    return lines[0]
+
+
+def _left(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_cli_exports_a_full_deit_tiny(tiny_folder, ort, tmp_path, capsys, record_property):
+    out = tmp_path / "deit-tiny.onnx"
+    assert cli.main(["export-onnx", str(tiny_folder), str(out), TINY, *RANDOM, "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "ONNX parity PASS: onnxruntime vs transformers and timm on batches of 1 and 5" in printed
+    assert re.search(r"^onnxruntime vs timm +5 ", printed, re.MULTILINE), printed
+    summary = re.search(r"max \|diff\| (\S+) .*exported in (\S+) s", printed)
+    value = f"max {float(summary.group(1)):.3g} over both batches and references"
+    record_property(
+        "measured",
+        [
+            ("export-onnx (CLI, 12 blocks)", TINY, f"{value}; export {summary.group(2)} s"),
+        ],
+    )
+    assert _left(tmp_path) == ["deit-tiny.onnx"]  # no partial file left beside it
+    timm_model = random_timm_model(TINY, seed=SEED)
+    x = parity_inputs(timm_model, n=3, seed=SEED + 2)  # a third batch size
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"pixel_values": x.numpy()})
+    torch.testing.assert_close(
+        torch.from_numpy(y), model_output(timm_model, x), atol=ATOL_MEASURED, rtol=0
+    )
+
+
+def test_cli_parity_failure_exits_1_and_writes_nothing(tiny_folder, ort, tmp_path, capsys):
+    """The folder holds seed 31's weights; timm's seed 32 model is another model."""
+    out = tmp_path / "m.onnx"
+    other = ["--init", "random", "--seed", str(SEED + 1)]
+    assert cli.main(["export-onnx", str(tiny_folder), str(out), TINY, *other, "-q"]) == 1
+    captured = capsys.readouterr()
+    error = _one_error(captured.err)
+    assert "ONNX parity FAIL: transformers vs timm" in error and "nothing was written" in error
+    assert _left(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", [TINY])
+def test_an_onnx_mismatch_after_the_export_writes_nothing(case, exported, tmp_path, monkeypatch):
+    """onnxruntime's outputs shifted by 1e-3 (as a wrong export would): ParityError, and the
+    exported file is removed with its temporary folder."""
+    e = exported(case)
+    run = deit_port.onnx_export._run_onnx
+    monkeypatch.setattr(deit_port.onnx_export, "_run_onnx", lambda s, x: run(s, x) + 1e-3)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ParityError) as exc:
+        export_onnx(e.folder, out, TINY, init="random", seed=SEED, model_kwargs={"depth": 2})
+    bad = exc.value.report.first_failure
+    assert (bad.compared, bad.batch) == ("onnxruntime vs transformers", 1)
+    assert "ONNX parity FAIL: onnxruntime vs transformers, batch 1" in str(exc.value)
+    assert _left(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", [TINY])
+def test_weights_beside_the_file_are_published_too(case, exported, tmp_path, monkeypatch, ort):
+    """Past 1.5 GB of weights torch writes them beside the .onnx, as NAME.onnx.data (here
+    forced with torch's threshold at 0): both files are published, and the published .onnx
+    runs from where it lies."""
+    from torch.onnx._internal.exporter import _onnx_program
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    e = exported(case)
+    out = tmp_path / "m.onnx"
+    export_onnx(e.folder, out, TINY, init="random", seed=SEED, model_kwargs={"depth": 2})
+    assert _left(tmp_path) == ["m.onnx", "m.onnx.data"]
+    assert out.stat().st_size < (tmp_path / "m.onnx.data").stat().st_size
+    x = parity_inputs(e.timm_model, n=2, seed=SEED)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"pixel_values": x.numpy()})
+    torch.testing.assert_close(
+        torch.from_numpy(y), model_output(e.timm_model, x), atol=ATOL_MEASURED, rtol=0
+    )
+
+
+def test_without_the_extra_it_says_which_to_install(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
+    out = tmp_path / "m.onnx"
+    assert cli.main(["export-onnx", str(tiny_folder), str(out), TINY, *RANDOM, "-q"]) == 2
+    error = _one_error(capsys.readouterr().err)
+    assert "onnxruntime" in error and EXTRA_HINT in error, error
+    assert _left(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{out}.txt"], "must end in .onnx"),
+        (["{existing}"], "--overwrite"),
+        (["{out}", "--checkpoint", "w.pth"], "give MODEL"),
+        (["{out}", "--init", "random"], "give MODEL"),
+    ],
+    ids=["not-onnx", "exists", "checkpoint-without-model", "init-without-model"],
+)
+def test_bad_input_exits_2_and_writes_nothing(tiny_folder, ort, tmp_path, capsys, args, message):
+    existing = tmp_path / "old.onnx"
+    existing.write_bytes(b"mine")
+    paths = {"out": tmp_path / "m.onnx", "existing": existing}
+    argv = [a.format(**paths) for a in args]
+    assert cli.main(["export-onnx", str(tiny_folder), *argv, "-q"]) == 2
+    assert message in _one_error(capsys.readouterr().err)
+    assert _left(tmp_path) == ["old.onnx"] and existing.read_bytes() == b"mine"
+
+
+def test_not_a_model_folder_exits_2(ort, tmp_path, capsys):
+    assert cli.main(["export-onnx", str(tmp_path), str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert "not a transformers model folder" in _one_error(capsys.readouterr().err)
+    assert _left(tmp_path) == []
