@@ -43,10 +43,13 @@ API, for test modules:
   (`from_pretrained`'s `output_loading_info` of `.hf_model`), `.meta_model` (the timm model on
   the meta device: architecture and data config, no weights), `.data_config` (timm's eval data
   config, `deit_port.parity.data_config`).
-- The models are shared: never change them in place (no weight edits, no `.half()`, no
-  `.to(other device)` left behind, no `set_attn_implementation`). A case that needs another
-  model (other kwargs, a mutation, another attention kernel) loads its own from `.folder` or
-  `.checkpoint`, or builds its own.
+- Everything is shared: never leave a model, the folder or the checkpoint changed (no weight
+  edits, no `.half()`, no `.to(other device)`, no `set_attn_implementation`; a hook or flag
+  set for one forward pass is removed in a `finally`, as tests/test_attention.py does). A case
+  that needs another model (other kwargs, a mutation, another attention kernel) loads its own
+  from `.folder` or `.checkpoint` (copy the folder to change it), or builds its own.
+- The shared model is also `--init random --seed SEED` of the CLI (`create_timm_model` draws
+  the same values as `random_timm_model`); `--checkpoint .checkpoint` reads it faster.
 - Cases using `converted_variant` are run grouped by `variant` (`group_by_variant`, called by
   conftest.py), so a worker loads each big variant once, not once per test function.
 """
