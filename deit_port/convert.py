@@ -24,7 +24,7 @@ from torch import nn
 
 from .arch import ArchSpec
 from .card import write_model_card
-from .checkpoint import load_timm_model
+from .checkpoint import Checkpoint, load_timm_model, remap_state_dict
 from .errors import (
     BadInputError,
     CheckpointError,
@@ -203,7 +203,7 @@ def convert_deit_checkpoint(
     atol = DTYPE_ATOL[dtype_name] if atol is None else atol
     check_output_dir(pytorch_dump_folder_path, overwrite, _protected(checkpoint))
     step("loading")
-    timm_model, source = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
+    timm_model, source, ckpt = _load_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
     spec = ArchSpec.from_timm(timm_model)
     config = build_config(spec, labels)
     batch = [synthetic_image(0), *(images or [])]
@@ -219,10 +219,20 @@ def convert_deit_checkpoint(
         else:
             expected = reference_outputs(timm_model, inputs)
     step("converting")
-    # The timm model and its tensors are ours (built or loaded above) and have computed their
-    # outputs, so DeiT III's layer scale is folded into them in place: on a memory-mapped
-    # checkpoint that allocates nothing.
-    state_dict = timm_to_hf(timm_model.state_dict(), spec, fold_in_place=True)
+    # The tensors converted are ours and the timm model has computed its outputs, so DeiT III's
+    # layer scale is folded into them in place: on a memory-mapped checkpoint that allocates
+    # nothing. A mapped checkpoint is converted and written from a fresh map of its file
+    # (`remap_state_dict`: written several times faster than from pages the checks and the
+    # forward pass read), and the timm model lets its own map go first (it keeps its structure,
+    # and with it its data config, on the meta device).
+    weights = remap_state_dict(ckpt) if ckpt is not None else None
+    del ckpt
+    if weights is None:
+        weights = timm_model.state_dict()
+    else:
+        timm_model.to("meta")
+    state_dict = timm_to_hf(weights, spec, fold_in_place=True)
+    del weights
     exact = None
     if cast is not torch.float32:
         if verify:
@@ -390,18 +400,26 @@ def _folder_dtype(folder: Path) -> str:
 
 def _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema) -> tuple[nn.Module, str]:
     """The timm model and where its weights came from, in words (for the model card)."""
+    model, source, _ = _load_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
+    return model, source
+
+
+def _load_source(
+    deit_name, init, seed, model_kwargs, checkpoint, ema
+) -> tuple[nn.Module, str, Checkpoint | None]:
+    """`_timm_source`, and the `Checkpoint` read (None without one)."""
     kwargs = model_kwargs or {}
     if checkpoint is not None:
         model, ckpt = load_timm_model(deit_name, checkpoint, ema=ema, **kwargs)
-        return model, ckpt.describe()
+        return model, ckpt.describe(), ckpt
     if ema is not None:
         raise BadInputError("--ema/--no-ema choose weights inside a --checkpoint; give one")
     model = create_timm_model(deit_name, init=init, seed=seed, **kwargs)
     if init == "random":
-        return model, f"seeded random weights (seed {seed}), not a trained model"
+        return model, f"seeded random weights (seed {seed}), not a trained model", None
     cfg = getattr(model, "pretrained_cfg", None) or {}
     where = cfg.get("hf_hub_id") or cfg.get("url") or resolve_model_name(deit_name)
-    return model, f"timm's pretrained weights ({where})"
+    return model, f"timm's pretrained weights ({where})", None
 
 
 def _describe_inputs(images: int, total: int) -> str:

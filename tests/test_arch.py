@@ -1,5 +1,7 @@
 """ArchSpec is read off the timm model's structure, and refuses what transformers cannot express."""
 
+import functools
+
 import pytest
 import timm
 import torch
@@ -22,8 +24,18 @@ PUBLISHED = {
 
 
 def _meta_model(name, **kwargs):
+    """timm's own model (its init included) on the meta device; read only."""
+    if not kwargs:
+        return _registered_meta_model(name)
     with torch.device("meta"):
         return timm.create_model(name, pretrained=False, **kwargs)
+
+
+@functools.cache
+def _registered_meta_model(name):
+    """Each variant is built once (several tests read the same one)."""
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False)
 
 
 def _parametrized_ids(test, argname: str) -> list[str]:

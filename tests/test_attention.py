@@ -7,63 +7,22 @@ probabilities (timm's `Attention` with `fused_attn = False`, captured at the inp
 `attn.attn_drop`, i.e. right after the softmax) within `ATOL_ATTENTION` (1e-5).
 
 The measured numbers are recorded (`record_property`) and printed at the end of the run;
-docs/parity.md lists them with this file's command.
+docs/parity.md lists them with this file's command. Each variant is the session's shared
+conversion (tests/variants.py); the transformers model is loaded again for each kernel.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from deit_port.convert import ArchSpec, convert_deit_checkpoint
-from deit_port.parity import parity_inputs
+from .util import ATOL_MEASURED, FAST_VARIANTS, model_output
+from .variants import variant_params
 
-from .util import ATOL_MEASURED, FAST_VARIANTS, model_output, random_timm_model
-
-SEED = 21
 ATOL_ATTENTION = 1e-5  # attention probabilities lie in [0, 1]
 KERNELS = ["eager", "sdpa"]
-VARIANTS = sorted(FAST_VARIANTS)  # deit tiny, deit tiny distilled, deit3 small
-
-
-@dataclass
-class Built:
-    """One variant: the timm model (seeded random weights), its converted folder, the batch."""
-
-    timm_model: torch.nn.Module
-    folder: Path
-    spec: ArchSpec
-    inputs: torch.Tensor
-
-
-def build_variant(variant: str, root: Path) -> Built:
-    """The one place a variant's timm model and converted folder are made (a shared
-    per-variant session fixture may replace this)."""
-    folder = root / variant
-    convert_deit_checkpoint(variant, folder, init="random", seed=SEED, verify=False)
-    timm_model = random_timm_model(variant, seed=SEED)
-    return Built(
-        timm_model,
-        folder,
-        ArchSpec.from_timm(timm_model),
-        parity_inputs(timm_model, n=4, seed=SEED),
-    )
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """`built(variant)`: built once per module and variant."""
-    cache: dict[str, Built] = {}
-    root = tmp_path_factory.mktemp("attention")
-
-    def get(variant: str) -> Built:
-        if variant not in cache:
-            cache[variant] = build_variant(variant, root)
-        return cache[variant]
-
-    return get
+VARIANTS = variant_params(sorted(FAST_VARIANTS))  # deit tiny, deit tiny distilled, deit3 small
 
 
 def _load(folder: Path, kernel: str):
@@ -97,9 +56,9 @@ def _timm_attention_maps(timm_model: torch.nn.Module, x: torch.Tensor) -> list[t
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_both_kernels_match_timm(variant, kernel, built, record_property):
-    b = built(variant)
-    expected = model_output(b.timm_model, b.inputs)
+def test_both_kernels_match_timm(variant, kernel, converted_variant, record_property):
+    b = converted_variant(variant)
+    expected = b.expected  # timm's outputs on b.inputs, computed when the variant was built
     actual = model_output(_load(b.folder, kernel), b.inputs)
     diff = (actual - expected).abs()
     record_property("variant", f"{variant} ({kernel} attention)")
@@ -115,8 +74,8 @@ def test_both_kernels_match_timm(variant, kernel, built, record_property):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_eager_attention_maps_equal_timms(variant, built, record_property):
-    b = built(variant)
+def test_eager_attention_maps_equal_timms(variant, converted_variant, record_property):
+    b = converted_variant(variant)
     expected = _timm_attention_maps(b.timm_model, b.inputs)
     with torch.inference_mode():
         out = _load(b.folder, "eager")(pixel_values=b.inputs, output_attentions=True)

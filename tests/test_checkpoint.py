@@ -15,10 +15,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification
 
 from deit_port import cli
-from deit_port.checkpoint import load_timm_model, read_checkpoint, read_labels
+from deit_port.arch import ArchSpec
+from deit_port.checkpoint import load_timm_model, read_checkpoint, read_labels, remap_state_dict
 from deit_port.cli import seed_main as convert_main
 from deit_port.convert import convert_deit_checkpoint
 from deit_port.errors import CheckpointError
+from deit_port.mapping import timm_to_hf
 from deit_port.parity import parity_inputs, synthetic_image
 
 from .util import assert_state_dicts_equal, model_output, random_timm_model, run_python
@@ -68,6 +70,60 @@ def test_every_format_reads_bitwise(tiny, tmp_path, how, name):
     assert ckpt.format == how
     assert ckpt.entry is None and not ckpt.ema
     assert_state_dicts_equal(ckpt.state_dict, sd, name)
+
+
+@pytest.mark.parametrize(
+    ("how", "name", "mapped"),
+    [
+        ("safetensors", "w.safetensors", True),
+        ("torch-zip", "w.pth", True),
+        ("torch-zip", "w.safetensors", False),  # torch.load reads it into memory
+        ("torch-pickle", "w.pth", False),
+    ],
+    ids=["safetensors", "torch-zip", "torch-zip-as-safetensors", "torch-pickle"],
+)
+def test_remap_reads_the_same_weights_through_a_new_map(tiny, tmp_path, how, name, mapped):
+    """What convert writes from: the checked weights again, bit for bit, from other memory
+    (a new map of the file); None where the weights are not memory-mapped."""
+    sd = {f"module.{k}": v for k, v in _sd(tiny).items()}  # cleaned again on the way
+    obj = sd if how == "safetensors" else {"model": sd, "epoch": 3}
+    ckpt = read_checkpoint(_save(obj, tmp_path / name, how))
+    again = remap_state_dict(ckpt)
+    if not mapped:
+        assert again is None
+        return
+    assert_state_dicts_equal(again, ckpt.state_dict, f"{how} remapped")
+    first = {t.untyped_storage().data_ptr() for t in ckpt.state_dict.values()}
+    assert not first & {t.untyped_storage().data_ptr() for t in again.values()}
+
+
+def test_remap_leaves_converted_weights_alone_and_sees_a_changed_file(tiny, tmp_path):
+    half = _save({k: v.half() for k, v in _sd(tiny).items()}, tmp_path / "h.safetensors", "safetensors")
+    assert remap_state_dict(read_checkpoint(half)) is None  # float16: converted when loaded
+    path = _save(_sd(tiny), tmp_path / "w.safetensors", "safetensors")
+    ckpt = read_checkpoint(path)
+    other = _sd(tiny)
+    other["head.weight"] = other["head.weight"][:10]
+    save_file(other, path)  # replaced on disk while converting
+    with pytest.raises(CheckpointError, match="changed while it was being converted"):
+        remap_state_dict(ckpt)
+
+
+@pytest.mark.parametrize("how, name", [("safetensors", "w.safetensors"), ("torch-zip", "w.pth")])
+def test_converted_from_a_new_map_the_written_weights_are_the_mapping(tmp_path, how, name):
+    """DeiT III (layer scale folded in place, into the new map's private pages): the written
+    file holds exactly `timm_to_hf` of the checkpoint's weights; the checkpoint is unchanged."""
+    model = random_timm_model("deit3_small_patch16_224", seed=6, depth=2)
+    path = _save(_sd(model), tmp_path / name, how)
+    before = path.read_bytes()
+    report = convert_deit_checkpoint(
+        "deit3_small_patch16_224", tmp_path / "out", checkpoint=path, model_kwargs={"depth": 2}
+    )
+    assert report.passed, report.summary()
+    expected = timm_to_hf(_sd(model), ArchSpec.from_timm(model))
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert_state_dicts_equal(written, {k: v.contiguous() for k, v in expected.items()}, how)
+    assert path.read_bytes() == before
 
 
 RENAMED = [("safetensors", "w.pth"), ("torch-zip", "w.safetensors"), ("torch-pickle", "w.safetensors")]
@@ -201,6 +257,24 @@ def test_half_precision_checkpoint_is_computed_in_float32(tiny, tmp_path):
     model, _ = load_timm_model(TINY, _save(half, tmp_path / "w16.safetensors", "safetensors"))
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, half[name].float()), name
+
+
+def test_finite_weights_whose_sum_overflows_are_read(tmp_path):
+    """The NaN/Inf check sums each tensor: a finite tensor whose float32 sum overflows
+    (2 x 3e38 > 3.4e38) is counted exactly, and read."""
+    sd = {"big": torch.tensor([3e38, 3e38, -1.0]), "half": torch.full((8,), 6e4).half()}
+    ckpt = read_checkpoint(_save(sd, tmp_path / "w.safetensors", "safetensors"))
+    assert all(torch.equal(ckpt.state_dict[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_nan_or_inf_is_found_in_every_float_dtype(tmp_path, dtype, bad):
+    values = torch.linspace(-2, 2, 301).to(dtype)
+    values[150] = bad
+    path = _save({"ok": torch.ones(3), "w": values}, tmp_path / "w.safetensors", "safetensors")
+    with pytest.raises(CheckpointError, match=r"'w' holds 1 NaN/Inf value"):
+        read_checkpoint(path)
 
 
 @pytest.mark.parametrize("name", ["vit_deit_tiny_patch16_224", "deit_tiny_patch16_224.fb_in1k"])

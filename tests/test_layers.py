@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import deit_port.convert
 from deit_port import cli
-from deit_port.convert import convert_deit_checkpoint, convert_timm_model
+from deit_port.convert import convert_timm_model
 from deit_port.parity import DEFAULT_ATOL, check_parity, parity_inputs
 
 from .util import random_timm_model
@@ -34,10 +34,10 @@ ROW = re.compile(r"^(\S.*?)\s+(\S+)\s+(\S+)(  <- first divergence)?$")
 
 
 @pytest.fixture(scope="module", params=[TINY])  # the param puts the variant in the test ids
-def folder(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp("layers") / "hf"
-    convert_deit_checkpoint(request.param, out, init="random", seed=SEED)
-    return out
+def shared(request, converted_variant):
+    """The session's shared conversion of the variant (tests/variants.py, read only): its
+    folder, and its timm weights as the checkpoint `verify` compares with."""
+    return converted_variant(request.param)
 
 
 def _table(out: str) -> dict[str, tuple[float, float, bool]]:
@@ -59,8 +59,9 @@ def _one_error(err: str) -> str:
     return lines[0]
 
 
-def test_verify_layers_prints_every_stage(folder, capsys):
-    assert cli.main(["verify", str(folder), TINY, *RANDOM, "--layers", "-q"]) == 0
+def test_verify_layers_prints_every_stage(shared, capsys):
+    source = ["--checkpoint", str(shared.checkpoint)]
+    assert cli.main(["verify", str(shared.folder), TINY, *source, "--layers", "-q"]) == 0
     out = capsys.readouterr().out
     rows = _table(out)
     assert list(rows) == STAGES, out
@@ -69,17 +70,18 @@ def test_verify_layers_prints_every_stage(folder, capsys):
     assert "parity PASS" in out and "first divergence" not in out
 
 
-def test_swapped_mlp_of_blocks_5_and_6_first_diverges_at_block_5(folder, tmp_path, capsys):
+def test_swapped_mlp_of_blocks_5_and_6_first_diverges_at_block_5(shared, tmp_path, capsys):
     """The acceptance case: block 5's MLP weights swapped with block 6's in the written file."""
     broken = tmp_path / "swapped"
-    shutil.copytree(folder, broken)
+    shutil.copytree(shared.folder, broken)
     weights = load_file(broken / "model.safetensors")
     for name in ("intermediate.dense.weight", "output.dense.weight"):
         a, b = f"vit.encoder.layer.5.{name}", f"vit.encoder.layer.6.{name}"
         weights[a], weights[b] = weights[b], weights[a]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
 
-    assert cli.main(["verify", str(broken), TINY, *RANDOM, "--layers", "-q"]) == 1
+    source = ["--checkpoint", str(shared.checkpoint)]
+    assert cli.main(["verify", str(broken), TINY, *source, "--layers", "-q"]) == 1
     captured = capsys.readouterr()
     rows = _table(captured.out)
     assert list(rows) == STAGES, captured.out

@@ -138,10 +138,14 @@ def test_the_report_covers_both_references_and_batches(case, exported):
 
 
 @pytest.fixture(scope="module", params=[TINY])  # the param puts the variant in the test ids
-def tiny_folder(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx_cli") / "hf"
-    convert_deit_checkpoint(request.param, out, init="random", seed=SEED)
-    return out
+def tiny(request, converted_variant):
+    """The session's shared full-depth conversion of DeiT tiny (tests/variants.py, read only)."""
+    return converted_variant(request.param)
+
+
+@pytest.fixture
+def tiny_folder(tiny):
+    return tiny.folder
 
 
 def _one_error(err: str) -> str:
@@ -154,9 +158,10 @@ def _left(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
 
-def test_cli_exports_a_full_deit_tiny(tiny_folder, ort, tmp_path, capsys, record_property):
+def test_cli_exports_a_full_deit_tiny(tiny, ort, tmp_path, capsys, record_property):
     out = tmp_path / "deit-tiny.onnx"
-    assert cli.main(["export-onnx", str(tiny_folder), str(out), TINY, *RANDOM, "-q"]) == 0
+    source = ["--checkpoint", str(tiny.checkpoint)]  # the timm weights the folder was made from
+    assert cli.main(["export-onnx", str(tiny.folder), str(out), TINY, *source, "-q"]) == 0
     printed = capsys.readouterr().out
     assert "ONNX parity PASS: onnxruntime vs transformers and timm on batches of 1 and 5" in printed
     assert re.search(r"^onnxruntime vs timm +5 ", printed, re.MULTILINE), printed
@@ -169,7 +174,7 @@ def test_cli_exports_a_full_deit_tiny(tiny_folder, ort, tmp_path, capsys, record
         ],
     )
     assert _left(tmp_path) == ["deit-tiny.onnx"]  # no partial file left beside it
-    timm_model = random_timm_model(TINY, seed=SEED)
+    timm_model = tiny.timm_model
     x = parity_inputs(timm_model, n=3, seed=SEED + 2)  # a third batch size
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {"pixel_values": x.numpy()})
@@ -179,7 +184,7 @@ def test_cli_exports_a_full_deit_tiny(tiny_folder, ort, tmp_path, capsys, record
 
 
 def test_cli_parity_failure_exits_1_and_writes_nothing(tiny_folder, ort, tmp_path, capsys):
-    """The folder holds seed 31's weights; timm's seed 32 model is another model."""
+    """The folder holds the shared model's weights; timm's seed 32 model is another model."""
     out = tmp_path / "m.onnx"
     other = ["--init", "random", "--seed", str(SEED + 1)]
     assert cli.main(["export-onnx", str(tiny_folder), str(out), TINY, *other, "-q"]) == 1

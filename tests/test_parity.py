@@ -1,7 +1,12 @@
-"""The parity suite: every timm DeiT variant, converted, written, loaded back, compared."""
+"""The parity suite: every timm DeiT variant, converted, written, loaded back, compared.
+
+The per-variant cases use the session's shared conversion of each variant (tests/variants.py):
+a seeded random timm model, saved, converted from that checkpoint, and timm's outputs on the
+parity inputs computed before it was saved. Cases that need another model build their own."""
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, DeiTModel, ViTModel
 
 from deit_port.convert import convert_deit_checkpoint
@@ -10,29 +15,23 @@ from deit_port.parity import parity_inputs
 from .util import (
     ATOL_CONTRACT,
     ATOL_MEASURED,
-    DEIT_VARIANTS,
     DEVICE,
-    FAST_VARIANTS,
+    assert_state_dicts_equal,
     model_output,
     random_timm_model,
 )
-
-SEED = 1234
-
-
-def _variant_params():
-    return [
-        pytest.param(name, id=name, marks=() if name in FAST_VARIANTS else pytest.mark.slow)
-        for name in DEIT_VARIANTS
-    ]
+from .variants import SEED, variant_params
 
 
 def _assert_parity(timm_model, hf_model, x, record_property, variant):
     timm_model.to(DEVICE)
+    expected = model_output(timm_model, x.to(DEVICE)).float().cpu()
+    _assert_outputs(expected, hf_model, x, record_property, variant)
+
+
+def _assert_outputs(expected, hf_model, x, record_property, variant):
     hf_model.to(DEVICE).eval()
-    x = x.to(DEVICE)
-    expected = model_output(timm_model, x).float().cpu()
-    actual = model_output(hf_model, x).float().cpu()
+    actual = model_output(hf_model, x.to(DEVICE)).float().cpu()
     assert actual.shape == expected.shape, f"{variant}: shape {actual.shape} != timm {expected.shape}"
     # Parity on outputs that hardly depend on the input would prove little: timm's outputs
     # for the batch's inputs must differ from each other by more than the contract tolerance.
@@ -56,19 +55,33 @@ def _assert_parity(timm_model, hf_model, x, record_property, variant):
     )
 
 
-@pytest.mark.parametrize("variant", _variant_params())
-def test_variant_parity(variant, tmp_path, record_property):
-    out = tmp_path / "hf"
-    convert_deit_checkpoint(variant, out, init="random", seed=SEED, verify=False)
-
-    hf_model, info = AutoModelForImageClassification.from_pretrained(out, output_loading_info=True)
+@pytest.mark.parametrize("variant", variant_params())
+def test_variant_parity(variant, converted_variant, record_property):
+    converted = converted_variant(variant)
+    info = converted.loading_info
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info["mismatched_keys"], info
+    hf_model = converted.hf_model
     assert hf_model.config.layer_norm_eps == 1e-6
 
-    timm_model = random_timm_model(variant, seed=SEED)
-    x = parity_inputs(timm_model, n=4, seed=SEED)
-    _assert_parity(timm_model, hf_model, x, record_property, variant)
+    _assert_outputs(converted.expected, hf_model, converted.inputs, record_property, variant)
+
+
+@pytest.mark.parametrize("variant", variant_params(["deit_tiny_patch16_224"]))
+def test_shared_conversion_is_of_the_seeded_model(variant, converted_variant):
+    """The shared artefact holds what it claims: its checkpoint is `random_timm_model(variant,
+    SEED)` bit for bit, its inputs are `parity_inputs` of it, its expected outputs are that
+    model's, and the timm model it loads computes them. (One variant: every variant is built
+    by the same code, tests/variants.py `_build`.)"""
+    converted = converted_variant(variant)
+    fresh = random_timm_model(variant, seed=SEED)
+    assert_state_dicts_equal(load_file(converted.checkpoint), fresh.state_dict(), "checkpoint")
+    assert torch.equal(converted.inputs, parity_inputs(fresh, n=4, seed=SEED))
+    assert torch.equal(converted.expected, model_output(fresh, converted.inputs))
+    # the shared timm model runs on DEVICE: bitwise on the CPU the reference was computed on
+    reloaded = model_output(converted.timm_model, converted.inputs.to(DEVICE)).float().cpu()
+    atol = 0.0 if DEVICE.type == "cpu" else ATOL_MEASURED
+    torch.testing.assert_close(reloaded, converted.expected, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -2,18 +2,17 @@
 
 Every converted folder carries `preprocessor_config.json`; loaded with `AutoImageProcessor` it
 must give timm's eval tensors (exactly with the PIL backend, within a measured bound with the
-default torchvision backend), the same logits and the same top-5 through `pipeline`.
+default torchvision backend), the same logits and the same top-5 through `pipeline`. The
+per-variant cases run on the session's shared conversion of each variant (tests/variants.py).
 """
 
 from __future__ import annotations
 
-import functools
 import http.server
 import io
 import json
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,10 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from torchvision.transforms import functional as TF
-from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+from transformers import AutoImageProcessor, pipeline
 
 import deit_port.convert
 from deit_port import cli
-from deit_port.convert import convert_deit_checkpoint
 from deit_port.errors import ImageLoadError
 from deit_port.images import load_image
 from deit_port.parity import data_config, synthetic_image
@@ -39,16 +37,9 @@ from deit_port.preprocess import (
     save_preprocessor,
 )
 
-from .util import (
-    ATOL_CONTRACT,
-    ATOL_MEASURED,
-    DEIT_VARIANTS,
-    DEVICE,
-    FAST_VARIANTS,
-    random_timm_model,
-)
+from .util import ATOL_CONTRACT, ATOL_MEASURED, DEVICE, FAST_VARIANTS, MODEL_IMAGES, sample_images
+from .variants import variant_params
 
-SEED = 55
 TINY = "deit_tiny_patch16_224"
 TINY_ARGS = ["--init", "random", "--seed", "1"]
 
@@ -66,75 +57,8 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 PIL_BICUBIC = 3
 
 
-def _variant_params():
-    return [
-        pytest.param(name, id=name, marks=() if name in FAST_VARIANTS else pytest.mark.slow)
-        for name in DEIT_VARIANTS
-    ]
-
-
-def _rgba(seed: int, size: tuple[int, int]) -> Image.Image:
-    """An RGBA image whose top third is fully transparent and the rest a left-to-right ramp."""
-    w, h = size
-    img = synthetic_image(seed, size).convert("RGBA")
-    alpha = np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))
-    alpha[: h // 3] = 0
-    img.putalpha(Image.fromarray(alpha))
-    return img
-
-
-def _images() -> dict[str, Image.Image]:
-    """The test images, in the modes a user has them. None of them is a crop-offset tie for
-    the 224/0.9, 384/1.0 and 160/0.9 configs (see test_crop_offset_tie_is_one_pixel)."""
-    return {
-        "landscape": synthetic_image(11, (320, 240)),
-        "portrait": synthetic_image(12, (240, 320)),
-        "square": synthetic_image(13, (300, 300)),
-        "smaller_than_crop": synthetic_image(14, (100, 80)),
-        "wide": synthetic_image(15, (640, 200)),
-        "rgba": _rgba(16, (280, 210)),
-        "grayscale": synthetic_image(17, (210, 280)).convert("L"),
-    }
-
-
-# The images the models see (fewer than the pixel tests, to keep the forward passes short).
-MODEL_IMAGES = ("landscape", "smaller_than_crop", "rgba", "grayscale")
-
-
 def _pixels(processor, images) -> torch.Tensor:
     return torch.as_tensor(processor(images, return_tensors="pt")["pixel_values"])
-
-
-@dataclass
-class Converted:
-    variant: str
-    folder: Path
-    timm_model: torch.nn.Module
-    hf_model: torch.nn.Module
-
-    @property
-    def transform(self):
-        return create_transform(**data_config(self.timm_model))
-
-    @functools.cached_property
-    def timm_logits(self) -> dict[str, torch.Tensor]:
-        """timm's transform + timm's model on the MODEL_IMAGES, converted as timm does."""
-        images = _images()
-        x = torch.stack([self.transform(images[n].convert("RGB")) for n in MODEL_IMAGES])
-        with torch.inference_mode():
-            logits = self.timm_model(x.to(DEVICE)).cpu()
-        return dict(zip(MODEL_IMAGES, logits, strict=True))
-
-
-@pytest.fixture(scope="session", params=_variant_params())
-def converted(request, tmp_path_factory) -> Converted:
-    """One converted folder per variant and xdist worker, with both models, built once."""
-    variant = request.param
-    folder = tmp_path_factory.mktemp(variant) / "hf"
-    convert_deit_checkpoint(variant, folder, init="random", seed=SEED, verify=False)
-    timm_model = random_timm_model(variant, seed=SEED).to(DEVICE)
-    hf_model = AutoModelForImageClassification.from_pretrained(folder).to(DEVICE).eval()
-    return Converted(variant, folder, timm_model, hf_model)
 
 
 @pytest.fixture(scope="session")
@@ -154,9 +78,11 @@ def tiny_folder(tmp_path, tiny_timm) -> Path:
 # --- what the file says -------------------------------------------------------------------
 
 
-def test_preprocessor_config_is_timms_data_config(converted):
+@pytest.mark.parametrize("variant", variant_params())
+def test_preprocessor_config_is_timms_data_config(variant, converted_variant):
+    converted = converted_variant(variant)
     saved = json.loads((converted.folder / "preprocessor_config.json").read_text())
-    crop = converted.timm_model.patch_embed.img_size[0]
+    crop = converted.meta_model.patch_embed.img_size[0]
     assert saved["image_processor_type"] == "BitImageProcessor"
     assert saved["size"] == {"shortest_edge": EXPECTED_SHORTEST_EDGE[crop]}, saved["size"]
     assert saved["crop_size"] == {"height": crop, "width": crop}
@@ -183,34 +109,36 @@ def test_processor_kwargs_follow_other_data_configs():
 # --- pixels -------------------------------------------------------------------------------
 
 
-def test_pixel_parity(converted):
+@pytest.mark.parametrize("variant", variant_params())
+def test_pixel_parity(variant, converted_variant):
     """timm's eval transform vs the saved processor, each image converted to RGB as timm's
     loader does: bit-exact with the PIL backend, within the measured bound by default."""
+    converted = converted_variant(variant)
     pil = AutoImageProcessor.from_pretrained(converted.folder, backend="pil")
     default = AutoImageProcessor.from_pretrained(converted.folder)
     assert default.backend == "torchvision", "transformers' default backend changed"
-    transform = converted.transform
-    for name, image in _images().items():
+    transform = create_transform(**converted.data_config)
+    for name, image in sample_images().items():
         rgb = image.convert("RGB")
         expected = transform(rgb)
         exact = _pixels(pil, [rgb])[0]
         assert exact.shape == expected.shape, f"{name}: {exact.shape} vs timm {expected.shape}"
         assert exact.dtype == expected.dtype
         assert torch.equal(exact, expected), (
-            f"{converted.variant} {name}: PIL backend differs from timm by "
+            f"{variant} {name}: PIL backend differs from timm by "
             f"{(exact - expected).abs().max():.3g} (expected bit-exact)"
         )
         torch.testing.assert_close(
             _pixels(default, [rgb])[0], expected, atol=DEFAULT_BACKEND_PIXEL_ATOL, rtol=0,
             msg=lambda m, name=name: (
-                f"{converted.variant} {name}: default backend beyond "
+                f"{variant} {name}: default backend beyond "
                 f"DEFAULT_BACKEND_PIXEL_ATOL={DEFAULT_BACKEND_PIXEL_ATOL}: {m}"
             ),
         )
 
 
 def test_grayscale_needs_no_conversion_by_the_caller(tiny_folder, tiny_timm):
-    gray = _images()["grayscale"]
+    gray = sample_images()["grayscale"]
     processor = AutoImageProcessor.from_pretrained(tiny_folder, backend="pil")
     expected = create_transform(**data_config(tiny_timm))(gray.convert("RGB"))
     assert torch.equal(_pixels(processor, [gray])[0], expected)
@@ -220,7 +148,7 @@ def test_transparent_rgba_is_composited_on_white_by_the_processor(tiny_folder, t
     """A documented difference: timm's loader (and transformers' `load_image`, used by the
     pipeline) drop the alpha channel; transformers 5's processor itself, given RGBA, composites
     it on white (4.x's drops it too)."""
-    rgba = _images()["rgba"]
+    rgba = sample_images()["rgba"]
     processor = AutoImageProcessor.from_pretrained(tiny_folder, backend="pil")
     transform = create_transform(**data_config(tiny_timm))
     on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255,) * 4), rgba).convert("RGB")
@@ -243,7 +171,7 @@ def test_crop_offset_tie_is_one_pixel(tiny_folder, tiny_timm):
     floor_crop = TF.normalize(TF.to_tensor(floored), IMAGENET_MEAN, IMAGENET_STD)
     assert torch.equal(actual, floor_crop), "transformers no longer crops at the floored offset"
     assert crop_offset_differs(image.size, config)
-    assert not any(crop_offset_differs(img.size, config) for img in _images().values())
+    assert not any(crop_offset_differs(img.size, config) for img in sample_images().values())
     report = compare_preprocessing(tiny_folder, tiny_timm, [synthetic_image(0), image])
     assert report.crop_offset_images == (1,) and report.matches, report.summary()
 
@@ -258,42 +186,47 @@ def test_crop_offset_tie_is_one_pixel(tiny_folder, tiny_timm):
         ("torchvision", DEFAULT_BACKEND_LOGIT_ATOL, "DEFAULT_BACKEND_LOGIT_ATOL"),
     ],
 )
+@pytest.mark.parametrize("variant", variant_params())
 @torch.inference_mode()
-def test_end_to_end_logits(converted, backend, atol, bound, record_property):
-    """timm transform + timm model vs the folder's processor + transformers model."""
-    images = [_images()[n].convert("RGB") for n in MODEL_IMAGES]
-    expected = torch.stack([converted.timm_logits[n] for n in MODEL_IMAGES])
+def test_end_to_end_logits(variant, converted_variant, backend, atol, bound, record_property):
+    """timm transform + timm model (their logits computed when the variant was built) vs the
+    folder's processor + transformers model."""
+    converted = converted_variant(variant)
+    images = [sample_images()[n].convert("RGB") for n in MODEL_IMAGES]
+    expected = torch.stack([converted.image_logits[n] for n in MODEL_IMAGES])
     processor = AutoImageProcessor.from_pretrained(converted.folder, backend=backend)
     actual = converted.hf_model(pixel_values=_pixels(processor, images).to(DEVICE)).logits.cpu()
     diff = (actual - expected).abs()
-    record_property("variant", f"{converted.variant} (image->logits, {backend} backend)")
+    record_property("variant", f"{variant} (image->logits, {backend} backend)")
     record_property("max_abs_diff", float(diff.max()))
     record_property("mean_abs_diff", float(diff.mean()))
     if backend == "pil":
         torch.testing.assert_close(
             actual, expected, atol=ATOL_CONTRACT, rtol=0,
-            msg=lambda m: f"{converted.variant}: beyond the contract atol {ATOL_CONTRACT}: {m}",
+            msg=lambda m: f"{variant}: beyond the contract atol {ATOL_CONTRACT}: {m}",
         )
     torch.testing.assert_close(
         actual, expected, atol=atol, rtol=0,
-        msg=lambda m: f"{converted.variant} ({backend}): beyond {bound}={atol}: {m}",
+        msg=lambda m: f"{variant} ({backend}): beyond {bound}={atol}: {m}",
     )
     top1 = (actual.argmax(-1), expected.argmax(-1))
-    assert torch.equal(*top1), f"{converted.variant} ({backend}): top-1 {top1[0]} vs timm {top1[1]}"
+    assert torch.equal(*top1), f"{variant} ({backend}): top-1 {top1[0]} vs timm {top1[1]}"
 
 
-def test_pipeline_top5_matches_timm(converted):
+@pytest.mark.parametrize("variant", variant_params())
+def test_pipeline_top5_matches_timm(variant, converted_variant):
     """`pipeline("image-classification", model=folder)`, given the images as they are (RGBA
     and grayscale included), returns timm's top-5 labels."""
-    images = _images()
+    converted = converted_variant(variant)
+    images = sample_images()
     names = ["landscape", "rgba", "grayscale"]
     id2label = json.loads((converted.folder / "config.json").read_text())["id2label"]
-    timm_top5 = [converted.timm_logits[n].topk(5).indices for n in names]
+    timm_top5 = [converted.image_logits[n].topk(5).indices for n in names]
     pipe = pipeline("image-classification", model=str(converted.folder), device=DEVICE)
     results = pipe([images[n] for n in names])
     for name, result, top5 in zip(names, results, timm_top5, strict=True):
         expected = [id2label[str(int(i))] for i in top5]
-        assert [r["label"] for r in result] == expected, f"{converted.variant} {name}"
+        assert [r["label"] for r in result] == expected, f"{variant} {name}"
 
 
 # --- the hub's own preprocessing is reported --------------------------------------------
@@ -317,12 +250,12 @@ HUB_CONFIGS = {
 
 
 def test_compare_preprocessing_passes_the_written_folder(tiny_folder, tiny_timm):
-    report = compare_preprocessing(tiny_folder, tiny_timm, list(_images().values()))
+    report = compare_preprocessing(tiny_folder, tiny_timm, list(sample_images().values()))
     assert report.matches, report.summary()
     assert report.max_abs_diff == 0.0 and report.mismatched_fields == {}
     assert report.images == 7 and "PASS" in report.summary()
     default = compare_preprocessing(
-        tiny_folder, tiny_timm, list(_images().values()), backend="torchvision"
+        tiny_folder, tiny_timm, list(sample_images().values()), backend="torchvision"
     )
     assert default.matches and 0 < default.max_abs_diff <= DEFAULT_BACKEND_PIXEL_ATOL
 
@@ -331,7 +264,7 @@ def test_compare_preprocessing_passes_the_written_folder(tiny_folder, tiny_timm)
 @pytest.mark.parametrize("backend", ["pil", "torchvision"])
 def test_compare_preprocessing_reports_the_hub_config(tmp_path, tiny_timm, hub, backend):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(HUB_CONFIGS[hub]))
-    images = [_images()[n].convert("RGB") for n in ("landscape", "portrait", "grayscale")]
+    images = [sample_images()[n].convert("RGB") for n in ("landscape", "portrait", "grayscale")]
     report = compare_preprocessing(tmp_path, tiny_timm, images, backend=backend)
     assert not report.matches, report.summary()
     assert "size" in report.mismatched_fields, report.mismatched_fields
@@ -385,7 +318,7 @@ def test_custom_finetune_follows_its_data_config(tmp_path, variant):
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["crop_size"] == {"height": 160, "width": 160}
     assert saved["size"] == {"shortest_edge": EXPECTED_SHORTEST_EDGE[160]}
-    report = compare_preprocessing(tmp_path, timm_model, list(_images().values()))
+    report = compare_preprocessing(tmp_path, timm_model, list(sample_images().values()))
     assert report.matches and report.max_abs_diff == 0.0, report.summary()
 
 
@@ -452,7 +385,7 @@ def server():
 
 
 def test_image_from_file_and_url_join_the_parity_batch(tmp_path, server, monkeypatch, capsys):
-    local = _images()["portrait"]
+    local = sample_images()["portrait"]
     path = tmp_path / "mine.png"
     local.save(path)
     seen = []

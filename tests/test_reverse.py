@@ -34,12 +34,16 @@ SHALLOW = {"num_classes": 7, "img_size": 32, "depth": 2}
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """Transformers folders written by `convert_deit_checkpoint`, built once per module."""
+def folders(tmp_path_factory, converted_variant):
+    """Transformers folders written by `convert_deit_checkpoint`, built once per module (a
+    registered variant as it is: the session's shared one, tests/variants.py). Read only."""
     root = tmp_path_factory.mktemp("hf")
     made = {}
 
     def get(name: str, **kwargs) -> tuple:
+        if not kwargs:
+            shared = converted_variant(name)
+            return shared.folder, shared.timm_model
         key = (name, tuple(sorted(kwargs.items())))
         if key not in made:
             out = root / f"{name}-{len(made)}"

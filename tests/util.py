@@ -5,12 +5,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import timm
 import torch
+from PIL import Image
 from timm.layers import LayerNorm
 
 from deit_port.arch import ArchSpec
-from deit_port.source import randomize_
+from deit_port.parity import synthetic_image
+from deit_port.source import build_on_meta, randomize_
 
 DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
 
@@ -27,15 +30,52 @@ def random_timm_model(name: str | ArchSpec, seed: int = 0, **kwargs) -> torch.nn
     """A timm model (a registered name, or `build_timm_model(spec)`) with `pretrained=False`,
     every parameter then overwritten (`randomize_`, seeded), in eval mode.
 
-    Built on the meta device and materialised uninitialised: timm's own init would only be
-    overwritten (tests/test_randomize.py checks that every parameter is)."""
-    with torch.device("meta"):
-        if isinstance(name, ArchSpec):
+    Built on the meta device (a registered name without timm's init: `build_on_meta`, which
+    tests/test_arch.py checks is timm's model) and materialised uninitialised: timm's own init
+    would only be overwritten (tests/test_randomize.py checks that every parameter is)."""
+    if isinstance(name, ArchSpec):
+        with torch.device("meta"):
             model = build_timm_model(name, **kwargs)
-        else:
-            model = timm.create_model(name, pretrained=False, **kwargs)
+    else:
+        model = build_on_meta(name, **kwargs)
     assert not list(model.buffers()), f"{name} has buffers that randomize_ does not set"
     return randomize_(model.to_empty(device="cpu"), seed).eval()
+
+
+# The images the models see in the preprocessing cases (a subset of `sample_images`, to keep
+# the forward passes short).
+MODEL_IMAGES = ("landscape", "smaller_than_crop", "rgba", "grayscale")
+
+
+def _rgba(seed: int, size: tuple[int, int]) -> Image.Image:
+    """An RGBA image whose top third is fully transparent and the rest a left-to-right ramp."""
+    w, h = size
+    img = synthetic_image(seed, size).convert("RGBA")
+    alpha = np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))
+    alpha[: h // 3] = 0
+    img.putalpha(Image.fromarray(alpha))
+    return img
+
+
+def sample_images() -> dict[str, Image.Image]:
+    """The test images, in the modes a user has them. None of them is a crop-offset tie for
+    the 224/0.9, 384/1.0 and 160/0.9 configs (see test_crop_offset_tie_is_one_pixel).
+
+    Made once per process; do not change them in place (`convert` returns a new image)."""
+    return dict(_sample_images())
+
+
+@functools.cache
+def _sample_images() -> dict[str, Image.Image]:
+    return {
+        "landscape": synthetic_image(11, (320, 240)),
+        "portrait": synthetic_image(12, (240, 320)),
+        "square": synthetic_image(13, (300, 300)),
+        "smaller_than_crop": synthetic_image(14, (100, 80)),
+        "wide": synthetic_image(15, (640, 200)),
+        "rgba": _rgba(16, (280, 210)),
+        "grayscale": synthetic_image(17, (210, 280)).convert("L"),
+    }
 
 
 def timm_kwargs(spec: ArchSpec) -> dict:
