@@ -72,6 +72,7 @@ def render_model_card(
     inputs: str,
     exact_report: ParityReport | None = None,
     labels: Sequence[str] | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
     """The text of the model card.
 
@@ -84,6 +85,7 @@ def render_model_card(
         inputs: what the parity inputs were, in words.
         exact_report: for a float16/bfloat16 folder, the float32 check of the same conversion.
         labels: class names (the first few are listed).
+        notes: what was read from the checkpoint or done to it (`Checkpoint.notes`).
 
     Returns:
         Markdown with YAML front matter.
@@ -118,6 +120,7 @@ def render_model_card(
         f"patch {spec.patch_size}, image size {spec.img_size}, "
         f"{spec.num_classes or 'no'} classes" + (", distilled" if spec.distilled else ""),
     ]
+    lines += [f"- {note}" for note in notes]
     if labels:
         shown = ", ".join(f"`{name}`" for name in list(labels)[:5])
         lines.append(f"- labels: {shown}" + (", ..." if len(labels) > 5 else ""))

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -61,6 +62,7 @@ from .preprocess import (
     compare_preprocessing,
     save_preprocessor,
 )
+from .shapes import AUTO
 from .source import WeightsUnavailableError, create_timm_model, randomize_, resolve_model_name
 
 __all__ = [
@@ -202,7 +204,9 @@ def convert_deit_checkpoint(
     atol = DTYPE_ATOL[dtype_name] if atol is None else atol
     check_output_dir(pytorch_dump_folder_path, overwrite, _protected(checkpoint))
     step("loading")
-    timm_model, source = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
+    timm_model, timm_name, source, notes = _timm_source(
+        deit_name, init, seed, model_kwargs, checkpoint, ema
+    )
     spec = ArchSpec.from_timm(timm_model)
     config = build_config(spec, labels)
     batch = [synthetic_image(0), *(images or [])]
@@ -254,9 +258,10 @@ def convert_deit_checkpoint(
         step("model card")
         write_model_card(
             tmp,
-            timm_name=resolve_model_name(deit_name),
+            timm_name=timm_name,
             spec=spec,
             source=source,
+            notes=notes,
             dtype=dtype_name,
             report=report,
             inputs=_describe_inputs(len(batch), 0 if inputs is None else len(inputs)),
@@ -310,7 +315,7 @@ def verify_hf_folder(
     if not (folder / "config.json").is_file():
         raise OutputError(f"{folder} is not a transformers model folder (no config.json)")
     step("loading")
-    timm_model, _ = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
+    timm_model, *_ = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
     spec = ArchSpec.from_timm(timm_model)
     if atol is None:
         atol = DTYPE_ATOL.get(_folder_dtype(folder), DEFAULT_ATOL)
@@ -382,20 +387,35 @@ def _folder_dtype(folder: Path) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
-def _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema) -> tuple[nn.Module, str]:
-    """The timm model and where its weights came from, in words (for the model card)."""
+def _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema) -> _Source:
+    """The timm model, its name, where its weights came from in words, and notes on what was
+    read from or done to the checkpoint (for the model card)."""
     kwargs = model_kwargs or {}
     if checkpoint is not None:
         model, ckpt = load_timm_model(deit_name, checkpoint, ema=ema, **kwargs)
-        return model, ckpt.describe()
+        name = model.pretrained_cfg["architecture"] if deit_name == AUTO else deit_name
+        return _Source(model, resolve_model_name(name), ckpt.describe(), ckpt.notes)
+    if deit_name == AUTO:
+        raise ValueError(
+            "MODEL auto picks the DeiT a checkpoint's tensors fit: give --checkpoint PATH, or "
+            "a timm model name"
+        )
     if ema is not None:
         raise ValueError("--ema/--no-ema choose weights inside a --checkpoint; give one")
     model = create_timm_model(deit_name, init=init, seed=seed, **kwargs)
+    name = resolve_model_name(deit_name)
     if init == "random":
-        return model, f"seeded random weights (seed {seed}), not a trained model"
+        return _Source(model, name, f"seeded random weights (seed {seed}), not a trained model")
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    where = cfg.get("hf_hub_id") or cfg.get("url") or resolve_model_name(deit_name)
-    return model, f"timm's pretrained weights ({where})"
+    where = cfg.get("hf_hub_id") or cfg.get("url") or name
+    return _Source(model, name, f"timm's pretrained weights ({where})")
+
+
+class _Source(NamedTuple):
+    model: nn.Module
+    name: str
+    weights: str
+    notes: tuple[str, ...] = ()
 
 
 def _describe_inputs(images: int, total: int) -> str:
