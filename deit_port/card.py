@@ -135,6 +135,13 @@ def render_model_card(
         'classifier("image.jpg")',
         "```",
         "",
+        f"Run it at {spec.img_size} px, the size it was converted at (its image processor resizes "
+        "to that). transformers' `interpolate_pos_encoding=True` does not compute what timm "
+        "computes at another size: it resamples the position embedding with plain bicubic, timm "
+        "with antialiased bicubic (measured on random weights: max |logit diff| 2e-3 to 4e-2; "
+        "deit_port's docs/finetune.md). For another size, convert at the size you run at "
+        "(`deit-port convert ... --img-size S`).",
+        "",
         "## Parity with timm",
         "",
     ]

@@ -190,3 +190,75 @@ def test_training_args_that_agree_say_nothing(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="deit_port"):
         load_timm_model(TINY, ckpt)
     assert not caplog.messages
+
+
+# --- a new resolution ---------------------------------------------------------------------
+
+# Small models of the three families' structure: the registered names at depth 2 (the name
+# fixes width, heads, patch size, distillation and layer scale; depth 2 keeps them fast).
+FAMILIES = [TINY, TINY_DISTILLED, DEIT3_SMALL]
+RESIZES = [(224, 384), (384, 224)]  # up, and down (where timm's antialiasing matters)
+RESOLUTION_CASES = [
+    pytest.param(name, a, b, id=f"{name}-{a}-to-{b}") for name in FAMILIES for a, b in RESIZES
+]
+
+
+def _timm_at(name: str, ckpt: Path, img_size: int):
+    """timm's own path for a checkpoint at another size, as a user loads it."""
+    import timm
+
+    return timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay={"file": str(ckpt)}, depth=2,
+        img_size=img_size,
+    ).eval()
+
+
+@pytest.mark.parametrize(("name", "trained_at", "run_at"), RESOLUTION_CASES)
+def test_a_new_resolution_matches_timms_own_loading(
+    tmp_path, record_property, name, trained_at, run_at
+):
+    """`img_size` other than the checkpoint's: the position embedding is resampled as
+    `timm.create_model(pretrained=True, img_size=S)` resamples it; the written folder computes
+    what that timm model computes. Beside it, the folder converted at the checkpoint's size and
+    run at S with transformers' `interpolate_pos_encoding=True` is measured: it is not timm's
+    (what the model card says)."""
+    from deit_port.convert import convert_deit_checkpoint
+
+    source = random_timm_model(name, seed=31, depth=2, img_size=trained_at)
+    ckpt = _save(source, tmp_path / f"trained_at_{trained_at}.safetensors")
+    reference = _timm_at(name, ckpt, run_at)
+    assert reference.pos_embed.shape != source.pos_embed.shape  # timm did resample
+
+    resampled = tmp_path / "resampled"
+    convert_deit_checkpoint(
+        name, resampled, checkpoint=ckpt, model_kwargs={"depth": 2, "img_size": run_at}
+    )
+    assert json.loads((resampled / "config.json").read_text())["image_size"] == run_at
+    assert "position embedding resampled from" in (resampled / "README.md").read_text()
+    hf = AutoModelForImageClassification.from_pretrained(resampled).eval()
+    x = parity_inputs(reference, n=4, seed=0)
+    expected = model_output(reference, x)
+    diff = (model_output(hf, x) - expected).abs()
+    case = f"{name} (depth 2) {trained_at} -> {run_at} px"
+    record_property("variant", f"{case}, --img-size")
+    record_property("max_abs_diff", float(diff.max()))
+    record_property("mean_abs_diff", float(diff.mean()))
+    resampled_diff = diff
+    assert float(diff.max()) <= ATOL_MEASURED, f"max |diff| {diff.max():.3g} > {ATOL_MEASURED}"
+
+    as_trained = tmp_path / "as_trained"
+    convert_deit_checkpoint(name, as_trained, checkpoint=ckpt, model_kwargs={"depth": 2})
+    hf = AutoModelForImageClassification.from_pretrained(as_trained).eval()
+    with torch.inference_mode():
+        interpolated = hf(pixel_values=x, interpolate_pos_encoding=True).logits
+    diff = (interpolated - expected).abs()
+    top1 = float((interpolated.argmax(-1) == expected.argmax(-1)).float().mean())
+    record_property("interpolate_pos_encoding_max_abs_diff", float(diff.max()))
+    print(  # the table in docs/finetune.md
+        f"measured: | {case} | {resampled_diff.max():.3g} | {diff.max():.3g} | "
+        f"{diff.mean():.3g} | {top1:.0%} |"
+    )
+    assert float(diff.max()) > ATOL_MEASURED, (
+        f"interpolate_pos_encoding=True now matches timm (max |diff| {diff.max():.3g}): "
+        "update the model card's advice (deit_port/card.py) and docs/finetune.md"
+    )
