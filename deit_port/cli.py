@@ -188,6 +188,12 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
         help="dtype of the written weights (default float32)",
     )
     p.add_argument(
+        "--head", choices=["teacher", "cls"],
+        help="distilled models: teacher (default) keeps both heads, averaged "
+        "(DeiTForImageClassificationWithTeacher, inference only); cls keeps the class-token "
+        "head (DeiTForImageClassification, trainable with labels)",
+    )
+    p.add_argument(
         "--max-shard-size", default="5GB",
         help="safetensors shard size, e.g. 5GB or 500MB; larger models get an index",
     )
@@ -211,6 +217,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         verify=not args.no_verify,
         max_shard_size=args.max_shard_size,
+        head=args.head,
         images=images,
     )
 

@@ -12,6 +12,7 @@ interface of transformers' `convert_deit_timm_to_pytorch.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -100,6 +101,7 @@ __all__ = [
     "split_qkv",
     "timm_to_hf",
     "verify_hf_folder",
+    "with_head",
 ]
 
 logger = logging.getLogger(__name__)
@@ -121,12 +123,15 @@ class ParityError(RuntimeError):
         super().__init__(report.summary())
 
 
-def convert_timm_model(model: nn.Module, labels: Sequence[str] | None = None) -> nn.Module:
+def convert_timm_model(
+    model: nn.Module, labels: Sequence[str] | None = None, head: str | None = None
+) -> nn.Module:
     """Convert a timm DeiT model to the equivalent transformers model, in memory.
 
     Args:
         model: a timm `VisionTransformer` / `VisionTransformerDistilled`.
         labels: class names (default: ImageNet-1k for 1000 classes).
+        head: for a distilled model, `teacher` (default) or `cls` (see `convert_deit_checkpoint`).
 
     Returns:
         The transformers model (`hf_model_class(spec)`), in eval mode.
@@ -134,7 +139,7 @@ def convert_timm_model(model: nn.Module, labels: Sequence[str] | None = None) ->
     Example:
         >>> hf = convert_timm_model(timm.create_model("deit_tiny_patch16_224"))
     """
-    spec = ArchSpec.from_timm(model)
+    spec = with_head(ArchSpec.from_timm(model), head)
     state_dict = timm_to_hf(model.state_dict(), spec)
     return load_hf_state_dict(state_dict, build_config(spec, labels), spec)
 
@@ -155,6 +160,7 @@ def convert_deit_checkpoint(
     checkpoint: str | os.PathLike | None = None,
     ema: bool | None = None,
     dtype: str = "float32",
+    head: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ParityReport | None:
     """Convert the timm model `deit_name` and write a transformers folder, parity checked.
@@ -182,6 +188,12 @@ def convert_deit_checkpoint(
             whichever it has (an error if both).
         dtype: `float32`, `float16` or `bfloat16`: the written weights. For the other two the
             conversion is checked in float32 first, then the written folder at `DTYPE_ATOL`.
+        head: for a distilled model, `teacher` (default): both heads, averaged, as timm's eval
+            forward (`DeiTForImageClassificationWithTeacher`, for inference); or `cls`: the
+            class-token head only (`DeiTForImageClassification`, which transformers trains
+            with `labels`), checked against `model.head(model.forward_features(x)[:, 0])`.
+            A model without distillation head has only the class-token head: `cls` changes
+            nothing there and `teacher` is an error, as is either without a classifier.
         progress: called with the name of each step as it starts (`loading`, `timm outputs`,
             `converting`, `writing`, `verifying`, `model card`); their times are logged at
             INFO (`time per step: ...`).
@@ -207,7 +219,7 @@ def convert_deit_checkpoint(
     timm_model, timm_name, source, notes = _timm_source(
         deit_name, init, seed, model_kwargs, checkpoint, ema
     )
-    spec = ArchSpec.from_timm(timm_model)
+    spec = with_head(ArchSpec.from_timm(timm_model), head)
     config = build_config(spec, labels)
     batch = [synthetic_image(0), *(images or [])]
     inputs = expected = None
@@ -216,7 +228,7 @@ def convert_deit_checkpoint(
         # folder is loaded back: the two models are never in memory side by side.
         step("timm outputs")
         inputs = parity_inputs(timm_model, images=batch)
-        expected = reference_outputs(timm_model, inputs)
+        expected = reference_outputs(timm_model, inputs, spec.cls_head_only)
     step("converting")
     # The timm model and its tensors are ours (built or loaded above) and have computed their
     # outputs, so DeiT III's layer scale is folded into them in place: on a memory-mapped
@@ -317,12 +329,16 @@ def verify_hf_folder(
     step("loading")
     timm_model, *_ = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
     spec = ArchSpec.from_timm(timm_model)
+    if spec.distilled and _folder_config(folder).get("architectures") == [
+        "DeiTForImageClassification"
+    ]:
+        spec = with_head(spec, "cls")  # a `--head cls` folder
     if atol is None:
         atol = DTYPE_ATOL.get(_folder_dtype(folder), DEFAULT_ATOL)
     step("verifying")
     hf_model = load_hf_folder(folder, spec, **_float32())
     inputs = parity_inputs(timm_model, images=[synthetic_image(0), *(images or [])])
-    return check_parity(timm_model, hf_model, inputs, atol=atol)
+    return check_parity(timm_model, hf_model, inputs, atol=atol, cls_head_only=spec.cls_head_only)
 
 
 class _Steps:
@@ -377,14 +393,47 @@ def _float32() -> dict:
     return {_dtype_key(): torch.float32}
 
 
-def _folder_dtype(folder: Path) -> str:
+def _folder_config(folder: Path) -> dict:
     import json
 
     try:
-        config = json.loads((folder / "config.json").read_text())
+        return json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise OutputError(f"{folder}/config.json cannot be read: {e}") from e
+
+
+def _folder_dtype(folder: Path) -> str:
+    config = _folder_config(folder)
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+HEADS = ("teacher", "cls")
+
+
+def with_head(spec: ArchSpec, head: str | None) -> ArchSpec:
+    """`spec` for the head asked (`--head`): `cls` keeps a distilled model's class-token head
+    only (`cls_head_only`); `teacher` (or None) both. A model without distillation head has only
+    the class-token head: `cls` is that (nothing changes) and `teacher` is an error.
+
+    Raises:
+        ValueError: an unknown head, `teacher` for a model without distillation head, or a
+            head for a model without classifier.
+    """
+    if head is None:
+        return spec
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+    if spec.num_classes == 0:
+        raise ValueError(f"--head {head}: the model has no classifier (num_classes=0); drop --head")
+    if not spec.distilled:
+        if head == "teacher":
+            raise ValueError(
+                "--head teacher: the model is not distilled, it has no distillation head; its "
+                "one head is the class-token head (drop --head)"
+            )
+        logger.info("--head cls: the model is not distilled; its one head is the class-token head")
+        return spec
+    return dataclasses.replace(spec, cls_head_only=head == "cls")
 
 
 def _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema) -> _Source:
@@ -447,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.deit_name, args.pytorch_dump_folder_path,
         init=args.init, seed=args.seed, overwrite=args.overwrite, checkpoint=args.checkpoint,
         ema=args.ema, model_kwargs=model_kwargs, labels_file=args.labels, dtype=args.dtype,
-        max_shard_size=args.max_shard_size, quiet=args.quiet,
+        max_shard_size=args.max_shard_size, head=args.head, quiet=args.quiet,
     )
 
 

@@ -105,9 +105,11 @@ def data_config(timm_model: nn.Module) -> dict:
     return config
 
 
-def _timm_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _timm_output(model: nn.Module, x: torch.Tensor, cls_head_only: bool = False) -> torch.Tensor:
     if model.num_classes == 0:
         return model.forward_features(x)  # every token after the final norm
+    if cls_head_only:  # a distilled model's class-token head alone (`--head cls`)
+        return model.head(model.forward_features(x)[:, 0])
     return model(x)
 
 
@@ -117,12 +119,16 @@ def _hf_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def reference_outputs(timm_model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def reference_outputs(
+    timm_model: nn.Module, inputs: torch.Tensor, cls_head_only: bool = False
+) -> torch.Tensor:
     """The timm model's logits (or, for a base model, final hidden states) on `inputs`, in
-    float32 on the CPU: computed once, so the timm model can be freed before the HF one loads."""
+    float32 on the CPU: computed once, so the timm model can be freed before the HF one loads.
+    With `cls_head_only`, a distilled model's class-token head alone,
+    `model.head(model.forward_features(x)[:, 0])`, instead of timm's average of both heads."""
     timm_model.eval()
     device = next(timm_model.parameters()).device
-    return _timm_output(timm_model, inputs.to(device)).float().cpu()
+    return _timm_output(timm_model, inputs.to(device), cls_head_only).float().cpu()
 
 
 @torch.inference_mode()
@@ -163,6 +169,7 @@ def check_parity(
     hf_model: nn.Module,
     inputs: torch.Tensor,
     atol: float = DEFAULT_ATOL,
+    cls_head_only: bool = False,
 ) -> ParityReport:
     """Run both models (eval mode) on `inputs` and compare logits (or, for base models, the
     final hidden states).
@@ -172,8 +179,11 @@ def check_parity(
         hf_model: the converted transformers model.
         inputs: a `(B, C, H, W)` batch; moved to each model's device.
         atol: the contract: `passed` means equal shapes and max |diff| <= atol.
+        cls_head_only: compare with a distilled timm model's class-token head alone (the
+            reference of a `--head cls` conversion, see `reference_outputs`).
 
     Returns:
         A `ParityReport`; nothing is raised on a mismatch, callers decide.
     """
-    return compare_outputs(reference_outputs(timm_model, inputs), hf_model, inputs, atol)
+    expected = reference_outputs(timm_model, inputs, cls_head_only)
+    return compare_outputs(expected, hf_model, inputs, atol)

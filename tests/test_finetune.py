@@ -262,3 +262,84 @@ def test_a_new_resolution_matches_timms_own_loading(
         f"interpolate_pos_encoding=True now matches timm (max |diff| {diff.max():.3g}): "
         "update the model card's advice (deit_port/card.py) and docs/finetune.md"
     )
+
+
+# --- a head you can train -----------------------------------------------------------------
+
+
+def test_head_cls_matches_timms_class_token_head(tmp_path, record_property):
+    source = random_timm_model(TINY_DISTILLED, seed=41, num_classes=10)
+    ckpt = _save(source, tmp_path / "w.safetensors")
+    out = tmp_path / "out"
+    argv = ["-q", "convert", TINY_DISTILLED, str(out), "--checkpoint", str(ckpt), "--head", "cls"]
+    assert cli.main(argv) == 0
+    hf = AutoModelForImageClassification.from_pretrained(out).eval()
+    assert type(hf).__name__ == "DeiTForImageClassification"
+    x = parity_inputs(source, n=4, seed=0)
+    with torch.inference_mode():
+        expected = source.head(source.forward_features(x)[:, 0])
+        averaged = source(x)  # timm's eval output: both heads, averaged
+        actual = hf(pixel_values=x).logits
+    diff = (actual - expected).abs()
+    record_property("variant", f"{TINY_DISTILLED} (10 classes), --head cls")
+    record_property("max_abs_diff", float(diff.max()))
+    record_property("mean_abs_diff", float(diff.mean()))
+    torch.testing.assert_close(actual, expected, atol=ATOL_MEASURED, rtol=0)
+    # the reference is the class-token head, not timm's average: they are far apart here
+    assert float((averaged - expected).abs().max()) > 100 * ATOL_MEASURED
+    card = (out / "README.md").read_text()
+    assert "- head: the class-token head only (timm's `head`)" in card and "`head_dist`" in card
+    # verify reads the head off the folder's config
+    verify = ["-q", "verify", str(out), TINY_DISTILLED, "--checkpoint", str(ckpt)]
+    assert cli.main(verify) == 0
+
+
+def test_head_cls_folder_trains_with_labels(tmp_path):
+    """A few AdamW steps on one batch with `labels`: every parameter gets a gradient and the
+    loss goes down. (The teacher class, for contrast, computes no loss at all.)"""
+    from deit_port.convert import convert_deit_checkpoint
+
+    source = random_timm_model(TINY_DISTILLED, seed=42, num_classes=3, depth=2)
+    ckpt = _save(source, tmp_path / "w.safetensors")
+    folders = {}
+    for head in ("cls", "teacher"):
+        folders[head] = tmp_path / head
+        convert_deit_checkpoint(
+            TINY_DISTILLED, folders[head], checkpoint=ckpt, model_kwargs={"depth": 2}, head=head
+        )
+    x = parity_inputs(source, n=8, seed=1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    teacher = AutoModelForImageClassification.from_pretrained(folders["teacher"])
+    assert getattr(teacher(pixel_values=x, labels=labels), "loss", None) is None
+
+    model = AutoModelForImageClassification.from_pretrained(folders["cls"]).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(5):
+        optimizer.zero_grad()
+        loss = model(pixel_values=x, labels=labels).loss
+        loss.backward()
+        if step == 0:
+            for name, p in model.named_parameters():
+                assert p.grad is not None, f"{name} got no gradient"
+                assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], f"the loss did not go down: {losses}"
+
+
+def test_head_on_a_model_without_distillation_head(tmp_path, capsys):
+    """`--head cls` on a plain DeiT is what it already is (one class-token head);
+    `--head teacher` there is an error: there is no teacher head to keep."""
+    from deit_port.convert import convert_deit_checkpoint
+
+    out = tmp_path / "cls"
+    convert_deit_checkpoint(TINY, out, init="random", model_kwargs={"depth": 2}, head="cls")
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "ViTForImageClassification"
+    ]
+    ckpt = _save(random_timm_model(TINY, seed=43), tmp_path / "w.safetensors")
+    argv = [TINY, str(tmp_path / "teacher"), "--checkpoint", str(ckpt), "--head", "teacher"]
+    line = _convert_fails(tmp_path, argv, capsys)
+    assert "--head teacher: the model is not distilled" in line
