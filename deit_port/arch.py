@@ -40,8 +40,15 @@ class ArchSpec:
     no_embed_class: bool = False
     qkv_bias: bool = True
     eps: float = 1e-6
+    # a distilled model converted with its class-token head only (`--head cls`): not a property
+    # of the timm model but of the conversion, set with `dataclasses.replace`
+    cls_head_only: bool = False
 
     def __post_init__(self) -> None:
+        if self.cls_head_only and not (self.distilled and self.num_classes):
+            raise ValueError(
+                "cls_head_only is for distilled models with a classifier: others have one head"
+            )
         if self.embed_dim % self.num_heads:
             raise BadInputError(
                 f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}"

@@ -50,6 +50,22 @@ def _tags(timm_name: str, spec: ArchSpec) -> list[str]:
     return tags
 
 
+def _head_note(spec: ArchSpec) -> str:
+    """Which of a distilled DeiT's two heads the folder kept, and what the other was."""
+    if spec.cls_head_only:
+        return (
+            "the class-token head only (timm's `head`), which transformers fine-tunes with "
+            "`labels`; the distillation-token head (`head_dist`) was dropped, so the logits are "
+            "timm's `model.head(model.forward_features(x)[:, 0])`, not timm's eval output (the "
+            "average of both heads), and parity is checked against that"
+        )
+    return (
+        "both heads, averaged as timm's eval forward averages them (`cls_classifier` is "
+        "timm's `head`, `distillation_classifier` its `head_dist`); for inference: this class "
+        "takes no `labels` and computes no loss (convert with `--head cls` for one that does)"
+    )
+
+
 def _report_rows(report: ParityReport, dtype_note: str) -> list[tuple[str, str]]:
     top1 = "n/a (hidden states)" if report.top1_agreement is None else f"{report.top1_agreement:.0%}"
     return [
@@ -72,6 +88,7 @@ def render_model_card(
     inputs: str,
     exact_report: ParityReport | None = None,
     labels: Sequence[str] | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
     """The text of the model card.
 
@@ -84,6 +101,7 @@ def render_model_card(
         inputs: what the parity inputs were, in words.
         exact_report: for a float16/bfloat16 folder, the float32 check of the same conversion.
         labels: class names (the first few are listed).
+        notes: what was read from the checkpoint or done to it (`Checkpoint.notes`).
 
     Returns:
         Markdown with YAML front matter.
@@ -118,6 +136,9 @@ def render_model_card(
         f"patch {spec.patch_size}, image size {spec.img_size}, "
         f"{spec.num_classes or 'no'} classes" + (", distilled" if spec.distilled else ""),
     ]
+    lines += [f"- {note}" for note in notes]
+    if spec.distilled and spec.num_classes:
+        lines.append(f"- head: {_head_note(spec)}")
     if labels:
         shown = ", ".join(f"`{name}`" for name in list(labels)[:5])
         lines.append(f"- labels: {shown}" + (", ..." if len(labels) > 5 else ""))
@@ -131,6 +152,15 @@ def render_model_card(
         f'classifier = pipeline("{pipeline_tag}", model="path/to/this/folder")',
         'classifier("image.jpg")',
         "```",
+        "",
+        (
+            f"Run it at {spec.img_size} px, the size it was converted at (its image processor "
+            "resizes to that). transformers' `interpolate_pos_encoding=True` does not compute what "
+            "timm computes at another size: it resamples the position embedding with plain "
+            "bicubic, timm with antialiased bicubic (measured on random weights: max |logit diff| "
+            "2e-3 to 4e-2; deit_port's docs/finetune.md). For another size, convert at the size "
+            "you run at (`deit-port convert ... --img-size S`)."
+        ),
         "",
         "## Parity with timm",
         "",

@@ -11,8 +11,13 @@ A checkpoint's format is read off its first bytes, never its extension:
 
 Then the weights are unwrapped (`model` as facebookresearch/deit saves them, `state_dict`,
 the EMA entries `state_dict_ema`/`model_ema` chosen with `ema`), cleaned of `module.` and
-`_orig_mod.` prefixes (timm's `clean_state_dict`), original DeiT III `gamma_1`/`gamma_2`
-renamed to timm's `ls1.gamma`/`ls2.gamma`, and checked: tensors only, finite values.
+`_orig_mod.` prefixes (timm's `clean_state_dict`), and checked: tensors only, finite values.
+
+`load_timm_model` then builds the timm model the checkpoint's tensors fix (classes, resolution,
+channels, patch size: `deit_port.shapes`) and hands the state dict to timm's own checkpoint
+filter (`timm.models.vision_transformer.checkpoint_filter_fn`, as `timm.models.deit` binds it):
+original DeiT III `gamma_1`/`gamma_2` become `ls1.gamma`/`ls2.gamma`, and for another `img_size`
+the position embedding is resampled exactly as `timm.create_model(..., pretrained=True)` does.
 
     >>> model, ckpt = load_timm_model("deit_tiny_patch16_224", "deit_tiny.pth", ema=False)
     >>> ckpt.describe()
@@ -24,6 +29,7 @@ Every problem is a `CheckpointError`, one line that says what is wrong and what 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -83,6 +89,11 @@ class Checkpoint:
         ema: whether those are EMA weights.
         state_dict: the cleaned state dict (timm key names, tensors only).
         ignored: the other top-level entries (optimizer, epoch, args, ...), not used.
+        args: the training arguments saved beside the weights (the `args` entry of
+            facebookresearch/deit and timm's train.py, an `argparse.Namespace`), as a dict;
+            None without one.
+        notes: what loading it into a model did beyond assigning tensors (shapes read from it,
+            a resampled position embedding), one phrase each, for the model card.
     """
 
     path: Path
@@ -91,6 +102,8 @@ class Checkpoint:
     ema: bool
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     ignored: tuple[str, ...] = ()
+    args: dict | None = field(default=None, repr=False)
+    notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """One line for logs and the model card, e.g. `entry 'model_ema' (EMA) of x.pth (torch zip)`."""
@@ -169,7 +182,10 @@ def read_checkpoint(path: str | os.PathLike, ema: bool | None = None) -> Checkpo
     obj = _read_safetensors(path) if fmt == "safetensors" else _read_torch(path, fmt)
     entry, is_ema, state_dict, ignored = _unwrap(obj, path, ema)
     state_dict = _clean(state_dict, path, entry)
-    ckpt = Checkpoint(path, fmt, entry, is_ema, state_dict, ignored)
+    args = obj.get("args") if entry is not None else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    args = dict(args) if isinstance(args, Mapping) else None
+    ckpt = Checkpoint(path, fmt, entry, is_ema, state_dict, ignored, args)
     logger.info("weights: %s", ckpt.describe())
     if ignored:
         logger.info("ignored top-level entries: %s", ", ".join(ignored))
@@ -181,23 +197,33 @@ def load_timm_model(
 ) -> tuple[nn.Module, Checkpoint]:
     """Build the timm model `name` with a checkpoint's weights, without a throwaway random init.
 
-    The model is created on the meta device (no memory, no init), its architecture checked
-    (`ArchSpec.from_timm` refuses what transformers cannot express), the checkpoint's keys and
-    shapes checked against it, and the tensors assigned with `load_state_dict(strict=True,
-    assign=True)`. Floating-point weights are computed in float32.
+    What the checkpoint's tensors fix and `kwargs` do not give (classes, resolution, channels,
+    patch size) is read from them (`deit_port.shapes`, logged as `from the checkpoint: ...`);
+    a keyword that contradicts them is an error, except `img_size`, for which timm resamples the
+    position embedding. Tensors of another registered variant are refused, naming it. The model
+    is created on the meta device (no memory, no init), its architecture checked
+    (`ArchSpec.from_timm` refuses what transformers cannot express), the state dict passed
+    through timm's checkpoint filter (`checkpoint_filter_fn`: DeiT III's `gamma_N` renames, the
+    position-embedding resampling), its keys and shapes checked against the model, and the
+    tensors assigned with `load_state_dict(strict=True, assign=True)`. Floating-point weights
+    are computed in float32.
 
     Args:
-        name: a timm model name (tags and legacy `vit_deit_*` names accepted).
+        name: a timm model name (tags and legacy `vit_deit_*` names accepted), or `auto`: the
+            registered DeiT the checkpoint's tensors fit (`deit_port.shapes.pick_variant`).
         checkpoint: the checkpoint file (see `read_checkpoint`).
         ema: which weights (see `read_checkpoint`).
         **kwargs: passed to `timm.create_model` (e.g. `num_classes`, `img_size`).
 
     Returns:
-        The model in eval mode, and the `Checkpoint` read.
+        The model in eval mode (its `pretrained_cfg["architecture"]` names the variant), and
+        the `Checkpoint` read, with `notes` on what was read from it or resampled.
 
     Raises:
-        CheckpointError: a bad file, or keys or shapes that are not the model's (missing and
-            unexpected keys listed sorted; the first mismatching shape named with both shapes).
+        CheckpointError: a bad file; tensors of another variant (the fitting ones named); a
+            keyword contradicting the tensors (both values named); keys or shapes that are not
+            the model's (missing and unexpected keys listed sorted; the first mismatching
+            shape named with both shapes).
         TypeError, ValueError: not a timm VisionTransformer, an unsupported feature, a name
             timm does not know.
 
@@ -207,18 +233,38 @@ def load_timm_model(
 
     from .arch import ArchSpec
     from .mapping import timm_shapes
+    from .shapes import AUTO, model_kwargs_from, pick_variant, read_shapes
     from .source import build_on_meta, resolve_model_name
 
-    name = resolve_model_name(name)
+    auto = name == AUTO
+    if not auto:
+        name = resolve_model_name(name)
+        base = ArchSpec.from_timm(build_on_meta(name, **kwargs))  # refused before reading the file
+    ckpt = read_checkpoint(checkpoint, ema=ema)
+    shapes = read_shapes(ckpt.state_dict)
+    if auto:
+        name = pick_variant(shapes)
+        logger.info("auto: the checkpoint's tensors fit %s", name)
+        base = ArchSpec.from_timm(build_on_meta(name, **kwargs))
+    kwargs, notes = model_kwargs_from(shapes, name, base, kwargs, ckpt.args)
     model = build_on_meta(name, **kwargs)
     spec = ArchSpec.from_timm(model)
-    ckpt = read_checkpoint(checkpoint, ema=ema)
-    state_dict = _check_against(ckpt.state_dict, timm_shapes(spec), name)
+    state_dict = _timm_filter(ckpt.state_dict, model)
+    state_dict = _check_against(state_dict, timm_shapes(spec), name)
     model.load_state_dict(state_dict, strict=True, assign=True)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{name}: {left[0]} was not set by the checkpoint")
-    return model.eval(), ckpt
+    return model.eval(), dataclasses.replace(ckpt, notes=notes)
+
+
+def _timm_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's own checkpoint filter, as `timm.models.deit` binds it for pretrained weights
+    (`adapt_layer_scale=True`): `gamma_N` -> `lsN.gamma`, the position embedding resampled to
+    the model's grid (`resample_abs_pos_embed`, bicubic, antialiased)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(dict(state_dict), model, adapt_layer_scale=True)
 
 
 def remap_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor] | None:
@@ -455,15 +501,15 @@ def _unwrap(obj, path: Path, ema: bool | None):
 
 
 def _clean(state_dict: Mapping, path: Path, entry: str | None) -> dict[str, torch.Tensor]:
-    """Tensors only, prefixes stripped (timm's `clean_state_dict`), DeiT III gammas renamed,
-    every floating-point value finite."""
+    """Tensors only, prefixes stripped (timm's `clean_state_dict`), every floating-point value
+    finite. (DeiT III's `gamma_N` names are left to timm's checkpoint filter.)"""
     out = _renamed(state_dict, path, entry)
     _check_finite(out, path, entry)
     return out
 
 
 def _renamed(state_dict: Mapping, path: Path, entry: str | None) -> dict[str, torch.Tensor]:
-    """Tensors only, prefixes stripped (timm's `clean_state_dict`), DeiT III gammas renamed."""
+    """Tensors only, prefixes stripped (timm's `clean_state_dict`)."""
     from timm.models import clean_state_dict
 
     where = f"{path}" if entry is None else f"{path} entry {entry!r}"
@@ -487,13 +533,12 @@ def _renamed(state_dict: Mapping, path: Path, entry: str | None) -> dict[str, to
             f"{where} has keys that differ only by a module./_orig_mod. prefix: save one model's "
             "state dict"
         )
-    out: dict[str, torch.Tensor] = {}
-    for key, value in cleaned.items():
+    out: dict[str, torch.Tensor] = cleaned
+    for key in out:
+        # timm's checkpoint filter renames gamma_N to lsN.gamma; one of each would collide there
         m = _GAMMA.match(key)
-        new = f"{m.group(1)}.ls{m.group(2)}.gamma" if m else key
-        if new in out or (m and new in cleaned):
+        if m and (new := f"{m.group(1)}.ls{m.group(2)}.gamma") in out:
             raise CheckpointError(f"{where} has both {key!r} and {new!r}: save one model's state dict")
-        out[new] = value
     return out
 
 
@@ -530,14 +575,8 @@ def _check_against(
     """Keys and shapes as `shapes` (timm's key order) says, or a one-line error; float32 values."""
     from .mapping import check_state_dict
 
-    def hint(key: str, got: tuple[int, ...], needed: tuple[int, ...]) -> str | None:
-        if key.startswith("head") and got[1:] == needed[1:]:
-            return f"a fine-tune with {got[0]} classes? pass --num-classes {got[0]}"
-        if key == "pos_embed" and got[::2] == needed[::2]:
-            return "a fine-tune at another resolution? pass --img-size"
-        return None
-
-    check_state_dict(state_dict, shapes, f"the checkpoint for {name}", hint)
+    # classes and resolution were read from the tensors: a wrong shape is another variant
+    check_state_dict(state_dict, shapes, f"the checkpoint for {name}")
     for key, value in state_dict.items():
         if not value.is_floating_point():
             raise CheckpointError(

@@ -84,6 +84,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             images=images,
             progress=progress,
             layers=args.layers,
+            head=args.head,
         )
     print(f"wrote {args.output_dir}")
     if report is not None:
@@ -219,6 +220,12 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
         help="dtype of the written weights (default float32)",
     )
     p.add_argument(
+        "--head", choices=["teacher", "cls"],
+        help="distilled models: teacher (default) keeps both heads, averaged "
+        "(DeiTForImageClassificationWithTeacher, inference only); cls keeps the class-token "
+        "head (DeiTForImageClassification, trainable with labels)",
+    )
+    p.add_argument(
         "--max-shard-size", default="5GB",
         help="safetensors shard size, e.g. 5GB or 500MB; larger models get an index",
     )
@@ -265,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert", parents=[common], help="convert a timm model into a transformers folder"
     )
-    p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
+    p.add_argument(
+        "model",
+        help="timm model name, e.g. deit_tiny_patch16_224; `auto` with --checkpoint: the DeiT "
+        "its tensors fit",
+    )
     p.add_argument("output_dir", help="folder to write (absent or empty, or --overwrite)")
     add_source_options(p)
     add_output_options(p)

@@ -12,11 +12,13 @@ interface of transformers' `convert_deit_timm_to_pytorch.py` (its parser is `cli
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -69,6 +71,7 @@ from .parity import (
     synthetic_image,
 )
 from .preprocess import compare_preprocessing, save_preprocessor
+from .shapes import AUTO
 from .source import create_timm_model, resolve_model_name
 from .versions import transformers_major
 
@@ -104,6 +107,7 @@ __all__ = [
     "split_qkv",
     "timm_to_hf",
     "verify_hf_folder",
+    "with_head",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,12 +121,15 @@ DTYPE_ATOL = {"float32": DEFAULT_ATOL, "float16": 5e-2, "bfloat16": 5e-1}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def convert_timm_model(model: nn.Module, labels: Sequence[str] | None = None) -> nn.Module:
+def convert_timm_model(
+    model: nn.Module, labels: Sequence[str] | None = None, head: str | None = None
+) -> nn.Module:
     """Convert a timm DeiT model to the equivalent transformers model, in memory.
 
     Args:
         model: a timm `VisionTransformer` / `VisionTransformerDistilled`.
         labels: class names (default: ImageNet-1k for 1000 classes).
+        head: for a distilled model, `teacher` (default) or `cls` (see `convert_deit_checkpoint`).
 
     Returns:
         The transformers model (`hf_model_class(spec)`), in eval mode.
@@ -130,7 +137,7 @@ def convert_timm_model(model: nn.Module, labels: Sequence[str] | None = None) ->
     Example:
         >>> hf = convert_timm_model(timm.create_model("deit_tiny_patch16_224"))
     """
-    spec = ArchSpec.from_timm(model)
+    spec = with_head(ArchSpec.from_timm(model), head)
     state_dict = timm_to_hf(model.state_dict(), spec)
     return load_hf_state_dict(state_dict, build_config(spec, labels), spec)
 
@@ -151,6 +158,7 @@ def convert_deit_checkpoint(
     checkpoint: str | os.PathLike | None = None,
     ema: bool | None = None,
     dtype: str = "float32",
+    head: str | None = None,
     progress: Callable[[str], None] | None = None,
     layers: bool = False,
 ) -> ParityReport | None:
@@ -179,6 +187,12 @@ def convert_deit_checkpoint(
             whichever it has (an error if both).
         dtype: `float32`, `float16` or `bfloat16`: the written weights. For the other two the
             conversion is checked in float32 first, then the written folder at `DTYPE_ATOL`.
+        head: for a distilled model, `teacher` (default): both heads, averaged, as timm's eval
+            forward (`DeiTForImageClassificationWithTeacher`, for inference); or `cls`: the
+            class-token head only (`DeiTForImageClassification`, which transformers trains
+            with `labels`), checked against `model.head(model.forward_features(x)[:, 0])`.
+            A model without distillation head has only the class-token head: `cls` changes
+            nothing there and `teacher` is an error, as is either without a classifier.
         progress: called with the name of each step as it starts (`loading`, `timm outputs`,
             `converting`, `writing`, `verifying`, `model card`); their times are logged at
             INFO (`time per step: ...`).
@@ -203,8 +217,10 @@ def convert_deit_checkpoint(
     atol = DTYPE_ATOL[dtype_name] if atol is None else atol
     check_output_dir(pytorch_dump_folder_path, overwrite, _protected(checkpoint))
     step("loading")
-    timm_model, source, ckpt = _load_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
-    spec = ArchSpec.from_timm(timm_model)
+    timm_model, timm_name, source, notes, ckpt = _timm_source(
+        deit_name, init, seed, model_kwargs, checkpoint, ema
+    )
+    spec = with_head(ArchSpec.from_timm(timm_model), head)
     config = build_config(spec, labels)
     batch = [synthetic_image(0), *(images or [])]
     inputs = expected = stages = None
@@ -214,10 +230,10 @@ def convert_deit_checkpoint(
         step("timm outputs")
         inputs = parity_inputs(timm_model, images=batch)
         if layers:
-            stages = reference_stages(timm_model, inputs)
+            stages = reference_stages(timm_model, inputs, spec.cls_head_only)
             expected = next(reversed(stages.values()))
         else:
-            expected = reference_outputs(timm_model, inputs)
+            expected = reference_outputs(timm_model, inputs, spec.cls_head_only)
     step("converting")
     # The tensors converted are ours and the timm model has computed its outputs, so DeiT III's
     # layer scale is folded into them in place: on a memory-mapped checkpoint that allocates
@@ -227,10 +243,14 @@ def convert_deit_checkpoint(
     # and with it its data config, on the meta device).
     weights = remap_state_dict(ckpt) if ckpt is not None else None
     del ckpt
+    held = timm_model.state_dict()
+    if weights is not None and _shapes(weights) != _shapes(held):
+        weights = None  # timm's checkpoint filter renamed or resampled: convert what it loaded
     if weights is None:
-        weights = timm_model.state_dict()
+        weights = held
     else:
         timm_model.to("meta")
+    del held
     state_dict = timm_to_hf(weights, spec, fold_in_place=True)
     del weights
     exact = None
@@ -270,9 +290,10 @@ def convert_deit_checkpoint(
         step("model card")
         write_model_card(
             tmp,
-            timm_name=resolve_model_name(deit_name),
+            timm_name=timm_name,
             spec=spec,
             source=source,
+            notes=notes,
             dtype=dtype_name,
             report=report,
             inputs=_describe_inputs(len(batch), 0 if inputs is None else len(inputs)),
@@ -328,14 +349,20 @@ def verify_hf_folder(
     if not (folder / "config.json").is_file():
         raise OutputError(f"{folder} is not a transformers model folder (no config.json)")
     step("loading")
-    timm_model, _ = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
+    timm_model, *_ = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
     spec = ArchSpec.from_timm(timm_model)
+    if spec.distilled and _folder_config(folder).get("architectures") == [
+        "DeiTForImageClassification"
+    ]:
+        spec = with_head(spec, "cls")  # a `--head cls` folder
     if atol is None:
         atol = DTYPE_ATOL.get(_folder_dtype(folder), DEFAULT_ATOL)
     step("verifying")
     hf_model = load_hf_folder(folder, spec, **_float32())
     inputs = parity_inputs(timm_model, images=[synthetic_image(0), *(images or [])])
-    return check_parity(timm_model, hf_model, inputs, atol=atol, layers=layers)
+    return check_parity(
+        timm_model, hf_model, inputs, atol=atol, layers=layers, cls_head_only=spec.cls_head_only
+    )
 
 
 class _Steps:
@@ -363,6 +390,10 @@ class _Steps:
         return ", ".join(f"{name} {t:.2f} s" for name, t in self.seconds.items())
 
 
+def _shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
 def _no_progress(step: str) -> None:
     pass
 
@@ -388,38 +419,81 @@ def _float32() -> dict:
     return {_dtype_key(): torch.float32}
 
 
-def _folder_dtype(folder: Path) -> str:
+def _folder_config(folder: Path) -> dict:
     import json
 
     try:
-        config = json.loads((folder / "config.json").read_text())
+        return json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise OutputError(f"{folder}/config.json cannot be read: {e}") from e
+
+
+def _folder_dtype(folder: Path) -> str:
+    config = _folder_config(folder)
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
-def _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema) -> tuple[nn.Module, str]:
-    """The timm model and where its weights came from, in words (for the model card)."""
-    model, source, _ = _load_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
-    return model, source
+HEADS = ("teacher", "cls")
 
 
-def _load_source(
-    deit_name, init, seed, model_kwargs, checkpoint, ema
-) -> tuple[nn.Module, str, Checkpoint | None]:
-    """`_timm_source`, and the `Checkpoint` read (None without one)."""
+def with_head(spec: ArchSpec, head: str | None) -> ArchSpec:
+    """`spec` for the head asked (`--head`): `cls` keeps a distilled model's class-token head
+    only (`cls_head_only`); `teacher` (or None) both. A model without distillation head has only
+    the class-token head: `cls` is that (nothing changes) and `teacher` is an error.
+
+    Raises:
+        BadInputError: an unknown head, `teacher` for a model without distillation head, or a
+            head for a model without classifier.
+    """
+    if head is None:
+        return spec
+    if head not in HEADS:
+        raise BadInputError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+    if spec.num_classes == 0:
+        raise BadInputError(
+            f"--head {head}: the model has no classifier (num_classes=0); drop --head"
+        )
+    if not spec.distilled:
+        if head == "teacher":
+            raise BadInputError(
+                "--head teacher: the model is not distilled, it has no distillation head; its "
+                "one head is the class-token head (drop --head)"
+            )
+        logger.info("--head cls: the model is not distilled; its one head is the class-token head")
+        return spec
+    return dataclasses.replace(spec, cls_head_only=head == "cls")
+
+
+def _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema) -> _Source:
+    """The timm model, its name, where its weights came from in words, notes on what was read
+    from or done to the checkpoint (for the model card), and the `Checkpoint` read (if any)."""
     kwargs = model_kwargs or {}
     if checkpoint is not None:
         model, ckpt = load_timm_model(deit_name, checkpoint, ema=ema, **kwargs)
-        return model, ckpt.describe(), ckpt
+        name = model.pretrained_cfg["architecture"] if deit_name == AUTO else deit_name
+        return _Source(model, resolve_model_name(name), ckpt.describe(), ckpt.notes, ckpt)
+    if deit_name == AUTO:
+        raise BadInputError(
+            "MODEL auto picks the DeiT a checkpoint's tensors fit: give --checkpoint PATH, or "
+            "a timm model name"
+        )
     if ema is not None:
         raise BadInputError("--ema/--no-ema choose weights inside a --checkpoint; give one")
     model = create_timm_model(deit_name, init=init, seed=seed, **kwargs)
+    name = resolve_model_name(deit_name)
     if init == "random":
-        return model, f"seeded random weights (seed {seed}), not a trained model", None
+        return _Source(model, name, f"seeded random weights (seed {seed}), not a trained model")
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    where = cfg.get("hf_hub_id") or cfg.get("url") or resolve_model_name(deit_name)
-    return model, f"timm's pretrained weights ({where})", None
+    where = cfg.get("hf_hub_id") or cfg.get("url") or name
+    return _Source(model, name, f"timm's pretrained weights ({where})")
+
+
+class _Source(NamedTuple):
+    model: nn.Module
+    name: str
+    weights: str
+    notes: tuple[str, ...] = ()
+    checkpoint: Checkpoint | None = None
 
 
 def _describe_inputs(images: int, total: int) -> str:

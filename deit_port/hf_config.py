@@ -13,12 +13,16 @@ __all__ = ["build_config", "hf_class_name", "hf_model_class", "imagenet_labels"]
 def hf_class_name(spec: ArchSpec) -> str:
     """The name of the transformers class a converted `spec` loads into.
 
-    distilled -> `DeiTForImageClassificationWithTeacher`; plain DeiT and DeiT III ->
-    `ViTForImageClassification`; `num_classes=0` -> the base model (`DeiTModel`/`ViTModel`,
-    which must be built with `add_pooling_layer=False`: timm has no pooler).
+    distilled -> `DeiTForImageClassificationWithTeacher` (both heads, averaged), or with
+    `cls_head_only` `DeiTForImageClassification` (the class-token head, trainable with
+    `labels`); plain DeiT and DeiT III -> `ViTForImageClassification`; `num_classes=0` -> the
+    base model (`DeiTModel`/`ViTModel`, which must be built with `add_pooling_layer=False`:
+    timm has no pooler).
     """
     if spec.num_classes == 0:
         return "DeiTModel" if spec.distilled else "ViTModel"
+    if spec.cls_head_only:
+        return "DeiTForImageClassification"
     return "DeiTForImageClassificationWithTeacher" if spec.distilled else "ViTForImageClassification"
 
 

@@ -52,7 +52,7 @@ def rename_pairs(spec: ArchSpec) -> list[tuple[str, str]]:
     """The `(timm_key, hf_key)` pairs of every tensor that is renamed (values may be adjusted).
 
     Not included: the fused `qkv` tensors (`qkv_pairs`) and the layer-scale gammas, which are
-    folded away.
+    folded away; with `cls_head_only`, timm's `head_dist`, which is dropped.
 
     Example:
         >>> rename_pairs(spec)[0]
@@ -80,9 +80,13 @@ def rename_pairs(spec: ArchSpec) -> list[tuple[str, str]]:
                 pairs.append((f"blocks.{i}.{timm_name}.{param}", f"{hf}{hf_name}.{param}"))
     pairs += [("norm.weight", f"{p}layernorm.weight"), ("norm.bias", f"{p}layernorm.bias")]
     if spec.num_classes > 0:
-        head = "cls_classifier" if spec.distilled else "classifier"
+        # DeiTForImageClassificationWithTeacher: cls_classifier + distillation_classifier;
+        # ViTForImageClassification and DeiTForImageClassification (`cls_head_only`, where
+        # timm's head_dist is dropped): classifier
+        teacher = spec.distilled and not spec.cls_head_only
+        head = "cls_classifier" if teacher else "classifier"
         pairs += [("head.weight", f"{head}.weight"), ("head.bias", f"{head}.bias")]
-        if spec.distilled:
+        if teacher:
             pairs += [
                 ("head_dist.weight", "distillation_classifier.weight"),
                 ("head_dist.bias", "distillation_classifier.bias"),
@@ -290,6 +294,11 @@ def hf_to_timm(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec) -> StateD
         KeyMismatchError, BadInputError: as `timm_to_hf`; BadInputError also when the prefix
             rows of the position embedding are not zero under `no_embed_class`.
     """
+    if spec.cls_head_only:
+        raise BadInputError(
+            "a class-token-only DeiT (DeiTForImageClassification) has no distillation head to "
+            "give back to timm's distilled model"
+        )
     check_state_dict(state_dict, hf_shapes(spec), "transformers state dict")
     sd = {timm: state_dict[hf] for timm, hf in rename_pairs(spec)}
     for timm_key, hf_keys in qkv_pairs(spec):

@@ -219,7 +219,7 @@ def export_onnx(
     folder = Path(hf_dir)
     timm_model = None
     if deit_name is not None:
-        timm_model, _ = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema)
+        timm_model = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema).model
         spec = ArchSpec.from_timm(timm_model)
     else:
         if checkpoint is not None or ema is not None or model_kwargs:

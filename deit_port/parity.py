@@ -151,9 +151,11 @@ def data_config(timm_model: nn.Module) -> dict:
     return config
 
 
-def _timm_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _timm_output(model: nn.Module, x: torch.Tensor, cls_head_only: bool = False) -> torch.Tensor:
     if model.num_classes == 0:
         return model.forward_features(x)  # every token after the final norm
+    if cls_head_only:  # a distilled model's class-token head alone (`--head cls`)
+        return model.head(model.forward_features(x)[:, 0])
     return model(x)
 
 
@@ -167,12 +169,16 @@ def _output_name(tensor: torch.Tensor) -> str:
 
 
 @torch.inference_mode()
-def reference_outputs(timm_model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def reference_outputs(
+    timm_model: nn.Module, inputs: torch.Tensor, cls_head_only: bool = False
+) -> torch.Tensor:
     """The timm model's logits (or, for a base model, final hidden states) on `inputs`, in
-    float32 on the CPU: computed once, so the timm model can be freed before the HF one loads."""
+    float32 on the CPU: computed once, so the timm model can be freed before the HF one loads.
+    With `cls_head_only`, a distilled model's class-token head alone,
+    `model.head(model.forward_features(x)[:, 0])`, instead of timm's average of both heads."""
     timm_model.eval()
     device = next(timm_model.parameters()).device
-    return _timm_output(timm_model, inputs.to(device)).float().cpu()
+    return _timm_output(timm_model, inputs.to(device), cls_head_only).float().cpu()
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
@@ -208,13 +214,16 @@ class _Recorder:
 
 
 @torch.inference_mode()
-def reference_stages(timm_model: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+def reference_stages(
+    timm_model: nn.Module, inputs: torch.Tensor, cls_head_only: bool = False
+) -> dict[str, torch.Tensor]:
     """The timm model's activations after every stage, in float32 on the CPU, in order.
 
     Stages: `embeddings` (patch embedding, prefix tokens and position embedding: the output
     of `pos_drop`), `block N output` for each block, `final norm`, and with a classifier the
     tokens its heads read (`class token`, `distillation token`) and `logits`. The last entry
-    is what `reference_outputs` returns. Taken with forward hooks during one forward pass.
+    is what `reference_outputs` returns (with `cls_head_only`, as there). Taken with forward
+    hooks during one forward pass.
 
     Example:
         >>> list(reference_stages(model, x))[:2]
@@ -230,7 +239,7 @@ def reference_stages(timm_model: nn.Module, inputs: torch.Tensor) -> dict[str, t
         if timm_model.num_classes:
             rec.input(timm_model.head, "class token")
             rec.input(getattr(timm_model, "head_dist", None), "distillation token")
-        out = _timm_output(timm_model, inputs.to(device)).float().cpu()
+        out = _timm_output(timm_model, inputs.to(device), cls_head_only).float().cpu()
     stages = rec.tensors
     if timm_model.num_classes:
         stages["logits"] = out
@@ -344,6 +353,7 @@ def check_parity(
     inputs: torch.Tensor,
     atol: float = DEFAULT_ATOL,
     layers: bool = False,
+    cls_head_only: bool = False,
 ) -> ParityReport:
     """Run both models (eval mode) on `inputs` and compare logits (or, for base models, the
     final hidden states).
@@ -355,6 +365,8 @@ def check_parity(
         atol: the contract: `passed` means equal shapes and max |diff| <= atol.
         layers: compare every stage too (`reference_stages`): the report's `table()` lists
             them and `first_divergence` names the first one past `atol`.
+        cls_head_only: compare with a distilled timm model's class-token head alone (the
+            reference of a `--head cls` conversion, see `reference_outputs`).
 
     Returns:
         A `ParityReport`; nothing is raised on a mismatch, callers decide.
@@ -364,7 +376,8 @@ def check_parity(
         >>> print(report.table())
     """
     if not layers:
-        return compare_outputs(reference_outputs(timm_model, inputs), hf_model, inputs, atol)
-    stages = reference_stages(timm_model, inputs)
+        expected = reference_outputs(timm_model, inputs, cls_head_only)
+        return compare_outputs(expected, hf_model, inputs, atol)
+    stages = reference_stages(timm_model, inputs, cls_head_only)
     expected = next(reversed(stages.values()))
     return compare_outputs(expected, hf_model, inputs, atol, stages=stages)

@@ -173,7 +173,7 @@ def test_renamed_damaged_file_is_judged_by_its_content(tiny_sd, tmp_path, capsys
 # --- the wrong weights ----------------------------------------------------------------------
 
 
-def test_checkpoint_of_another_variant_names_the_first_mismatch(tmp_path, capsys):
+def test_checkpoint_of_another_variant_names_the_variant_it_fits(tmp_path, capsys):
     import timm
 
     with torch.device("meta"):
@@ -181,16 +181,29 @@ def test_checkpoint_of_another_variant_names_the_first_mismatch(tmp_path, capsys
     path = tmp_path / "small.safetensors"
     save_file({k: torch.full(v.shape, 0.01) for k, v in small.items()}, path)
     line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
-    # timm's first tensor, cls_token: (1, 1, 384) in deit_small, (1, 1, 192) in deit_tiny
-    assert "'cls_token'" in line and "(1, 1, 384)" in line and "(1, 1, 192)" in line
+    # deit_small: width 384 (cls_token (1, 1, 384)), 12 blocks; deit_tiny: width 192
+    assert f"does not fit {TINY} (embed dim 192, depth 12)" in line
+    assert "its tensors have embed dim 384, depth 12, which fits deit_small_patch16_224" in line
 
 
-def test_classifier_of_another_size_suggests_num_classes(tmp_path, capsys):
+def test_a_tensor_of_another_shape_is_named_with_both_shapes(tiny_sd, tmp_path, capsys):
+    """Widths, depth, classes and resolution fit; one tensor inside a block does not."""
+    sd = dict(tiny_sd)
+    sd["blocks.3.mlp.fc2.weight"] = torch.full((192, 700), 0.01)
+    path = tmp_path / "w.safetensors"
+    save_file(sd, path)
+    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    assert "'blocks.3.mlp.fc2.weight' has shape (192, 700)" in line and "(192, 768)" in line
+
+
+def test_num_classes_contradicting_the_checkpoint_names_both(tmp_path, capsys):
+    """The class count is read from the checkpoint; a flag that says otherwise is an error."""
     model = random_timm_model(TINY, seed=1, num_classes=10)
     path = tmp_path / "ft.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
-    assert "'head.weight'" in line and "(10, 192)" in line and "--num-classes 10" in line
+    argv = [*_ckpt_args(path, tmp_path / "out"), "--num-classes", "1000"]
+    line = _convert_fails(tmp_path, argv, capsys)
+    assert "--num-classes 1000 contradicts the checkpoint: its head has 10 classes" in line
 
 
 def test_missing_and_unexpected_keys_are_listed_sorted(tiny_sd, tmp_path, capsys):
