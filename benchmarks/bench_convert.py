@@ -435,7 +435,7 @@ def _write_markdown(path: Path, args, floor_line: str, table: list[str], targets
         "converted folder with `from_pretrained` and runs it on the same inputs: its time above",
         "the floor plus cp's time is what a verified conversion cannot go below. The baseline",
         "(transformers' script's method: random-init both models, load, save, run both) runs",
-        f"{args.baseline_runs} time(s): it is a reference, not a target.",
+        f"{args.baseline_runs} time{'' if args.baseline_runs == 1 else 's'}: a reference only.",
         "",
         "## This run",
         "",

@@ -216,7 +216,8 @@ def group_by_variant(items: list) -> None:
     run one after the other (in the order the variants first appear); every other case keeps
     its place. A worker then loads a big variant once, not once per test function."""
     slots = [
-        i for i, item in enumerate(items)
+        i
+        for i, item in enumerate(items)
         if _FIXTURE in getattr(item, "fixturenames", ()) and "variant" in _params(item)
     ]
     order: dict[str, int] = {}
