@@ -110,12 +110,14 @@ def _write_parity_table(path: Path, rows: list, mutations: list, config) -> None
         f"HYPOTHESIS_PROFILE=ci pytest {args}",
         "```",
         "",
-        (f"Device {os.environ.get('TORCH_DEVICE', 'cpu')}, float32; python "
-        f"{platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
-        f"transformers {transformers.__version__}. Each case: seeded random weights of a "
-        "realistic scale, converted, written, loaded back with `from_pretrained`, 4 inputs (a "
-        "preprocessed synthetic image and 3 N(0, 1) tensors). Asserted: allclose at the "
-        "contract 1e-3 and max |diff| <= 1e-4."),
+        (
+            f"Device {os.environ.get('TORCH_DEVICE', 'cpu')}, float32; python "
+            f"{platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+            f"transformers {transformers.__version__}. Each case: seeded random weights of a "
+            "realistic scale, converted, written, loaded back with `from_pretrained`, 4 inputs (a "
+            "preprocessed synthetic image and 3 N(0, 1) tensors). Asserted: allclose at the "
+            "contract 1e-3 and max |diff| <= 1e-4."
+        ),
         "",
         "| case | max abs diff | mean abs diff |",
         "|---|---|---|",
@@ -126,8 +128,10 @@ def _write_parity_table(path: Path, rows: list, mutations: list, config) -> None
         lines += [
             "## Mutations caught",
             "",
-            ("A correct conversion with one deliberate mistake (tests/test_mutations.py); each "
-            "must fail parity at 1e-4. Max |diff| of the logits:"),
+            (
+                "A correct conversion with one deliberate mistake (tests/test_mutations.py); each "
+                "must fail parity at 1e-4. Max |diff| of the logits:"
+            ),
             "",
             "| mutation | max abs diff |",
             "|---|---|",

@@ -76,7 +76,9 @@ IMPORT_FLOOR = (
 
 # The transformers script's method, clearly a baseline: random-init the timm model, load the
 # weights, random-init the HF model, load the renamed weights, save_pretrained, forward both.
-BASELINE = IMPORT_FLOOR + r"""
+BASELINE = (
+    IMPORT_FLOOR
+    + r"""
 import re, sys
 import safetensors.torch
 from deit_port.arch import ArchSpec
@@ -121,11 +123,14 @@ forward_s = time.perf_counter() - t0
 assert (a - b).abs().max() < 1e-3
 print(json.dumps({"random init": init_s, "forward passes": forward_s}))
 """
+)
 
 # What a verified conversion cannot skip: the timm model from the checkpoint (meta device +
 # assign, as deit_port loads it), its outputs on the 4 parity inputs, the written folder loaded
 # with from_pretrained (as convert loads it back: its class, float32), its outputs.
-LIMIT = IMPORT_FLOOR + r"""
+LIMIT = (
+    IMPORT_FLOOR
+    + r"""
 import json, sys, time
 import safetensors.torch
 import transformers
@@ -161,6 +166,7 @@ phases["hf forward"] = time.perf_counter() - t0
 assert (actual - expected).abs().max() <= 1e-3
 print(json.dumps(phases))
 """
+)
 
 
 def why(label: str, m: dict, floor_t: float) -> str:
@@ -245,7 +251,9 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
-        "--baseline-runs", type=int, default=1,
+        "--baseline-runs",
+        type=int,
+        default=1,
         help="runs of the baseline (the slowest case, a reference only; default 1)",
     )
     parser.add_argument("--workdir", default=None, help="where checkpoints and outputs go")
@@ -270,15 +278,32 @@ def main() -> int:
             copy = str(work / "copy.safetensors")
             written = work / "limit-folder"  # the folder the limit loads, written once
             shutil.rmtree(written, ignore_errors=True)
-            run_child([*deit_port, "-q", "convert", name, str(written), "--checkpoint", str(ckpt),
-                       "--no-verify"])
+            run_child(
+                [
+                    *deit_port,
+                    "-q",
+                    "convert",
+                    name,
+                    str(written),
+                    "--checkpoint",
+                    str(ckpt),
+                    "--no-verify",
+                ]
+            )
             cases = {
                 "cp (I/O floor)": ["cp", str(ckpt), copy],
                 USER_COPY: ["dd", f"if={ckpt}", f"of={copy}", "bs=64M", "status=none"],
                 BASELINE_CASE: [sys.executable, "-c", BASELINE, name, str(ckpt), str(out)],
                 LIMIT_CASE: [sys.executable, "-c", LIMIT, name, str(ckpt), str(written)],
                 "deit-port convert --no-verify": [
-                    *deit_port, "convert", name, str(out), "--checkpoint", str(ckpt), "--no-verify"],
+                    *deit_port,
+                    "convert",
+                    name,
+                    str(out),
+                    "--checkpoint",
+                    str(ckpt),
+                    "--no-verify",
+                ],
                 CONVERT: [*deit_port, "convert", name, str(out), "--checkpoint", str(ckpt)],
             }
             samples: dict[str, list[tuple[float, int, dict]]] = {c: [] for c in cases}
@@ -302,7 +327,9 @@ def main() -> int:
             measured = {}
             for case, runs in samples.items():
                 row = {
-                    "model": name, "case": case, "runs": len(runs),
+                    "model": name,
+                    "case": case,
+                    "runs": len(runs),
                     "wall_s": round(statistics.median(r[0] for r in runs), 3),
                     "peak_rss_mb": round(statistics.median(r[1] for r in runs) / 2**20, 1),
                     "weights_mb": round(weight_bytes / 2**20, 1),
@@ -321,11 +348,19 @@ def main() -> int:
     floor_t = min(floor_walls)
     floor_r = statistics.median(floor_rsss) / 2**20
     spread = f"{min(floor_walls):.2f}..{max(floor_walls):.2f} s"
-    print(json.dumps({
-        "model": "all", "case": "import floor", "runs": len(floor_walls),
-        "wall_s": round(statistics.median(floor_walls), 3), "peak_rss_mb": round(floor_r, 1),
-        "wall_s_min": round(min(floor_walls), 3), "wall_s_max": round(max(floor_walls), 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": "all",
+                "case": "import floor",
+                "runs": len(floor_walls),
+                "wall_s": round(statistics.median(floor_walls), 3),
+                "peak_rss_mb": round(floor_r, 1),
+                "wall_s_min": round(min(floor_walls), 3),
+                "wall_s_max": round(max(floor_walls), 3),
+            }
+        )
+    )
     floor_line = (
         f"import floor, {len(floor_walls)} runs: median {statistics.median(floor_walls):.2f} s, "
         f"{spread}, {floor_r:.0f} MB; time ratios are taken above its fastest run, "
@@ -357,12 +392,30 @@ def main() -> int:
         limit_s = lim["wall_s"] - floor_t + cp["wall_s"]
         checks = [
             ("convert time / limit", (full["wall_s"] - floor_t) / limit_s, LIMIT_TARGET, "<="),
-            ("convert --no-verify time / cp time", (nv["wall_s"] - floor_t) / cp["wall_s"], 1.5, "<="),
-            ("convert --no-verify RSS / weights", (nv["peak_rss_mb"] - floor_r) / weights, 1.3, "<="),
-            ("baseline time / convert time",
-             (base["wall_s"] - floor_t) / (full["wall_s"] - floor_t), 3.0, ">="),
-            ("convert RSS / baseline RSS",
-             (full["peak_rss_mb"] - floor_r) / (base["peak_rss_mb"] - floor_r), 0.6, "<="),
+            (
+                "convert --no-verify time / cp time",
+                (nv["wall_s"] - floor_t) / cp["wall_s"],
+                1.5,
+                "<=",
+            ),
+            (
+                "convert --no-verify RSS / weights",
+                (nv["peak_rss_mb"] - floor_r) / weights,
+                1.3,
+                "<=",
+            ),
+            (
+                "baseline time / convert time",
+                (base["wall_s"] - floor_t) / (full["wall_s"] - floor_t),
+                3.0,
+                ">=",
+            ),
+            (
+                "convert RSS / baseline RSS",
+                (full["peak_rss_mb"] - floor_r) / (base["peak_rss_mb"] - floor_r),
+                0.6,
+                "<=",
+            ),
         ]
         print(
             f"  {name:34s} limit: {lim['wall_s'] - floor_t:.2f} s above the floor + cp "
@@ -372,7 +425,8 @@ def main() -> int:
         for label, value, target, op in checks:
             met = value <= target if op == "<=" else value >= target
             verdict = (
-                "met" if met
+                "met"
+                if met
                 else f"MISSED by {abs(value - target) / target:.0%}: {why(label, m, floor_t)}"
             )
             if label.endswith("cp time") and nv["wall_s"] < max(floor_walls):
@@ -399,8 +453,9 @@ def main() -> int:
     return 0 if ok else 1
 
 
-def _write_markdown(path: Path, args, floor_line: str, table: list[str], targets: list[str],
-                    took: str) -> None:
+def _write_markdown(
+    path: Path, args, floor_line: str, table: list[str], targets: list[str], took: str
+) -> None:
     """The tables of this run as markdown, headed by the command that regenerates them."""
     import platform
 

@@ -67,7 +67,9 @@ def _head_note(spec: ArchSpec) -> str:
 
 
 def _report_rows(report: ParityReport, dtype_note: str) -> list[tuple[str, str]]:
-    top1 = "n/a (hidden states)" if report.top1_agreement is None else f"{report.top1_agreement:.0%}"
+    top1 = (
+        "n/a (hidden states)" if report.top1_agreement is None else f"{report.top1_agreement:.0%}"
+    )
     return [
         ("compared", f"{report.output}, shape {report.shape_hf} (timm {report.shape_timm})"),
         ("max abs diff", f"{report.max_abs_diff:.3g}"),

@@ -176,7 +176,10 @@ def read_checkpoint(path: str | os.PathLike, ema: bool | None = None) -> Checkpo
     if path.suffix.lower() not in expected and path.suffix:
         logger.warning(
             "%s is named %s but holds %s; reading it as %s",
-            path, path.suffix, _FORMAT_NAMES[fmt], _FORMAT_NAMES[fmt],
+            path,
+            path.suffix,
+            _FORMAT_NAMES[fmt],
+            _FORMAT_NAMES[fmt],
         )
     logger.info("reading %s (%s)", path, _FORMAT_NAMES[fmt])
     obj = _read_safetensors(path) if fmt == "safetensors" else _read_torch(path, fmt)
@@ -293,7 +296,9 @@ def remap_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor] | None:
     if not mapped or any(dtype != torch.float32 for dtype in floats):
         return None
     path = ckpt.path
-    obj = _read_safetensors(path) if ckpt.format == "safetensors" else _read_torch(path, ckpt.format)
+    obj = (
+        _read_safetensors(path) if ckpt.format == "safetensors" else _read_torch(path, ckpt.format)
+    )
     entry, _, state_dict, _ = _unwrap(obj, path, ckpt.ema)
     again = _renamed(state_dict, path, entry)
     checked = {k: (v.shape, v.dtype) for k, v in ckpt.state_dict.items()}
@@ -521,7 +526,9 @@ def _renamed(state_dict: Mapping, path: Path, entry: str | None) -> dict[str, to
         if not isinstance(value, torch.Tensor):
             hint = (
                 "; is it a training checkpoint? its weights are usually under 'model' or "
-                "'state_dict'" if entry is None else ""
+                "'state_dict'"
+                if entry is None
+                else ""
             )
             raise CheckpointError(
                 f"{where}: {key!r} is a {type(value).__name__}, not a tensor; a state dict holds "
@@ -538,7 +545,9 @@ def _renamed(state_dict: Mapping, path: Path, entry: str | None) -> dict[str, to
         # timm's checkpoint filter renames gamma_N to lsN.gamma; one of each would collide there
         m = _GAMMA.match(key)
         if m and (new := f"{m.group(1)}.ls{m.group(2)}.gamma") in out:
-            raise CheckpointError(f"{where} has both {key!r} and {new!r}: save one model's state dict")
+            raise CheckpointError(
+                f"{where} has both {key!r} and {new!r}: save one model's state dict"
+            )
     return out
 
 

@@ -51,9 +51,10 @@ def _progress(quiet: bool, steps: Sequence[str] = STEPS) -> Iterator[Callable[[s
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     # log lines are printed above the bar (tqdm.write), not through it
-    with logging_redirect_tqdm(), tqdm(
-        total=len(steps), file=sys.stderr, leave=False, unit="step"
-    ) as bar:
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=len(steps), file=sys.stderr, leave=False, unit="step") as bar,
+    ):
 
         def step(name: str) -> None:
             bar.n = steps.index(name) if name in steps else bar.n
@@ -125,7 +126,9 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
     kwargs = _source_kwargs(args)
     if args.model is None and (
-        args.checkpoint is not None or args.ema is not None or kwargs["model_kwargs"]
+        args.checkpoint is not None
+        or args.ema is not None
+        or kwargs["model_kwargs"]
         or args.init != "pretrained"
     ):
         raise BadInputError(
@@ -177,22 +180,30 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     """Where the timm model's weights come from: `--checkpoint`, `--init`, `--ema`, ..."""
     source = p.add_mutually_exclusive_group()
     source.add_argument(
-        "--checkpoint", metavar="PATH",
+        "--checkpoint",
+        metavar="PATH",
         help="weights from this file: .safetensors or torch.save (.pth/.pt/.bin), format read "
         "from its bytes; pickles only with weights_only=True",
     )
     source.add_argument(
-        "--init", choices=["pretrained", "random"], default="pretrained",
+        "--init",
+        choices=["pretrained", "random"],
+        default="pretrained",
         help="pretrained: timm's weights (default); random: seeded random weights, offline",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --init random")
     ema = p.add_mutually_exclusive_group()
     ema.add_argument(
-        "--ema", dest="ema", action="store_true", default=None,
+        "--ema",
+        dest="ema",
+        action="store_true",
+        default=None,
         help="use the checkpoint's EMA weights (state_dict_ema / model_ema)",
     )
     ema.add_argument(
-        "--no-ema", dest="ema", action="store_false",
+        "--no-ema",
+        dest="ema",
+        action="store_false",
         help="use the checkpoint's plain weights (model / state_dict)",
     )
     p.add_argument("--num-classes", type=int, help="classifier size (timm num_classes)")
@@ -202,7 +213,8 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
 def add_layers_option(p) -> None:
     """`--layers`: compare every stage and print the per-stage table."""
     p.add_argument(
-        "--layers", action="store_true",
+        "--layers",
+        action="store_true",
         help="compare every stage (embeddings, each block, final norm, pooled tokens, logits), "
         "print the table and name the first stage past the tolerance",
     )
@@ -211,22 +223,27 @@ def add_layers_option(p) -> None:
 def add_output_options(p: argparse.ArgumentParser) -> None:
     """What is written: `--labels`, `--dtype`, `--max-shard-size`."""
     p.add_argument(
-        "--labels", metavar="FILE",
+        "--labels",
+        metavar="FILE",
         help="class names: a JSON list or {index: name}, or one name a line (default: "
         "ImageNet-1k for 1000 classes)",
     )
     p.add_argument(
-        "--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
         help="dtype of the written weights (default float32)",
     )
     p.add_argument(
-        "--head", choices=["teacher", "cls"],
+        "--head",
+        choices=["teacher", "cls"],
         help="distilled models: teacher (default) keeps both heads, averaged "
         "(DeiTForImageClassificationWithTeacher, inference only); cls keeps the class-token "
         "head (DeiTForImageClassification, trainable with labels)",
     )
     p.add_argument(
-        "--max-shard-size", default="5GB",
+        "--max-shard-size",
+        default="5GB",
         help="safetensors shard size, e.g. 5GB or 500MB; larger models get an index",
     )
 
@@ -265,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     # -q after the subcommand too; SUPPRESS keeps `deit-port -q convert ...` quiet
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
         help="only errors on stderr (no progress, no log)",
     )
 
@@ -285,13 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-verify", action="store_true", help="skip the parity check")
     add_layers_option(check)
     p.add_argument(
-        "--image", action="append", metavar="PATH_OR_URL",
+        "--image",
+        action="append",
+        metavar="PATH_OR_URL",
         help="add your own image (file or http(s) URL) to the parity batch; repeatable",
     )
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser(
-        "verify", parents=[common],
+        "verify",
+        parents=[common],
         help="check an existing transformers folder against timm and print the parity report",
     )
     p.add_argument("hf_dir", help="the transformers folder (ours or one from the hub)")
@@ -301,27 +324,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser(
-        "to-timm", parents=[common],
+        "to-timm",
+        parents=[common],
         help="convert a transformers ViT/DeiT folder back into a timm safetensors checkpoint",
     )
     p.add_argument("hf_dir", help="the transformers folder (config.json + safetensors)")
     p.add_argument("output_file", help="the .safetensors file to write (absent, or --overwrite)")
     p.add_argument(
-        "--model", metavar="NAME",
+        "--model",
+        metavar="NAME",
         help="timm name to write for, e.g. deit3_small_patch16_224 (default: found from the config)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_to_timm)
 
     p = sub.add_parser(
-        "export-onnx", parents=[common],
+        "export-onnx",
+        parents=[common],
         help="export a transformers folder to ONNX (dynamic batch), checked with onnxruntime "
         "against transformers and, given MODEL, timm; needs the onnx extra",
     )
     p.add_argument("hf_dir", help="the transformers folder (ours or one from the hub)")
     p.add_argument("output_file", help="the .onnx file to write (absent, or --overwrite)")
     p.add_argument(
-        "model", nargs="?",
+        "model",
+        nargs="?",
         help="the timm model name the folder came from: the ONNX file is compared with it too",
     )
     add_source_options(p)
@@ -351,7 +378,9 @@ def seed_parser() -> argparse.ArgumentParser:
     )
     add_source_options(parser)
     add_output_options(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty output folder"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     parser.set_defaults(func=_cmd_convert, no_verify=False, image=None, layers=False)
     return parser
@@ -383,8 +412,10 @@ def _run(args: argparse.Namespace) -> int:
         return e.exit_code
     except Exception:  # noqa: BLE001 -- not raised on purpose: a bug, reported as one
         traceback.print_exc()
-        _error("internal error (a bug in deit-port, not in your input): please report it with "
-               "the traceback above")
+        _error(
+            "internal error (a bug in deit-port, not in your input): please report it with "
+            "the traceback above"
+        )
         return EXIT_BUG
 
 

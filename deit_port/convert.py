@@ -258,8 +258,11 @@ def convert_deit_checkpoint(
         if verify:
             step("verifying in float32")
             exact = compare_outputs(
-                expected, load_hf_state_dict(state_dict, config, spec), inputs,
-                atol=DEFAULT_ATOL, stages=stages,
+                expected,
+                load_hf_state_dict(state_dict, config, spec),
+                inputs,
+                atol=DEFAULT_ATOL,
+                stages=stages,
             )
             logger.info("before the cast to %s: %s", dtype_name, exact.summary())
             if not exact.passed:

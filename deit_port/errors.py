@@ -104,7 +104,9 @@ class WeightsUnavailableError(BadInputError):
 class KeyMismatchError(BadInputError, KeyError):
     """A state dict's keys are not the ones the architecture has: lists both sides, sorted."""
 
-    def __init__(self, what: str, missing: list[str], unexpected: list[str], hint: str = "") -> None:
+    def __init__(
+        self, what: str, missing: list[str], unexpected: list[str], hint: str = ""
+    ) -> None:
         """`what`: the state dict, e.g. "transformers state dict" or "the checkpoint for X"."""
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)

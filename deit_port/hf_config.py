@@ -23,7 +23,9 @@ def hf_class_name(spec: ArchSpec) -> str:
         return "DeiTModel" if spec.distilled else "ViTModel"
     if spec.cls_head_only:
         return "DeiTForImageClassification"
-    return "DeiTForImageClassificationWithTeacher" if spec.distilled else "ViTForImageClassification"
+    return (
+        "DeiTForImageClassificationWithTeacher" if spec.distilled else "ViTForImageClassification"
+    )
 
 
 def hf_model_class(spec: ArchSpec) -> type:
@@ -75,14 +77,17 @@ def build_config(spec: ArchSpec, labels: Sequence[str] | None = None):
     if labels is None:
         labels = [f"LABEL_{i}" for i in range(spec.num_classes)]
     if len(labels) != spec.num_classes:
-        raise BadInputError(f"{len(labels)} labels given for a model with {spec.num_classes} classes")
+        raise BadInputError(
+            f"{len(labels)} labels given for a model with {spec.num_classes} classes"
+        )
     if len(set(labels)) != len(labels):
         raise BadInputError("class labels must be unique")
     config_class = tf.DeiTConfig if spec.distilled else tf.ViTConfig
     kwargs = {}
     if spec.num_classes:
         kwargs = {
-            "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}
+            "id2label": dict(enumerate(labels)),
+            "label2id": {n: i for i, n in enumerate(labels)},
         }
     config = config_class(
         hidden_size=spec.embed_dim,

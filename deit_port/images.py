@@ -1,6 +1,6 @@
 """Loading the user's own images (`--image PATH_OR_URL`): local files and http(s) URLs.
 
-    >>> load_images(["cat.jpg", "https://example.org/dog.png"])
+>>> load_images(["cat.jpg", "https://example.org/dog.png"])
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 
 def check_output_dir(
-    output_dir: str | os.PathLike, overwrite: bool = False, protect: Sequence[str | os.PathLike] = ()
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    protect: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Check that `output_dir` can be (re)written as a whole, before any work is done.
 
@@ -363,9 +365,7 @@ def _from_pretrained(spec: ArchSpec, folder, **kwargs) -> torch.nn.Module:
     try:
         model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:  # no weights file, a corrupt one, ...
-        raise BadInputError(
-            f"{folder} cannot be loaded as {cls.__name__}: {first_line(e)}"
-        ) from e
+        raise BadInputError(f"{folder} cannot be loaded as {cls.__name__}: {first_line(e)}") from e
     missing = list(info.get("missing_keys", []))
     unexpected = list(info.get("unexpected_keys", []))
     mismatched = [str(k) for k in info.get("mismatched_keys", [])]

@@ -116,8 +116,10 @@ def _gamma_keys(spec: ArchSpec) -> list[tuple[str, str]]:
         return []
     out = []
     for i in range(spec.depth):
-        out += [(f"blocks.{i}.ls1.gamma", f"blocks.{i}.attn.proj"),
-                (f"blocks.{i}.ls2.gamma", f"blocks.{i}.mlp.fc2")]
+        out += [
+            (f"blocks.{i}.ls1.gamma", f"blocks.{i}.attn.proj"),
+            (f"blocks.{i}.ls2.gamma", f"blocks.{i}.mlp.fc2"),
+        ]
     return out
 
 
@@ -133,16 +135,23 @@ def timm_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     shapes["patch_embed.proj.bias"] = (d,)
     for i in range(spec.depth):
         b = f"blocks.{i}."
-        shapes |= {b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d)}
+        shapes |= {
+            b + "norm1.weight": (d,),
+            b + "norm1.bias": (d,),
+            b + "attn.qkv.weight": (3 * d, d),
+        }
         if spec.qkv_bias:
             shapes[b + "attn.qkv.bias"] = (3 * d,)
         shapes |= {b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,)}
         if spec.layer_scale:
             shapes[b + "ls1.gamma"] = (d,)
         shapes |= {
-            b + "norm2.weight": (d,), b + "norm2.bias": (d,),
-            b + "mlp.fc1.weight": (h, d), b + "mlp.fc1.bias": (h,),
-            b + "mlp.fc2.weight": (d, h), b + "mlp.fc2.bias": (d,),
+            b + "norm2.weight": (d,),
+            b + "norm2.bias": (d,),
+            b + "mlp.fc1.weight": (h, d),
+            b + "mlp.fc1.bias": (h,),
+            b + "mlp.fc2.weight": (d, h),
+            b + "mlp.fc2.bias": (d,),
         }
         if spec.layer_scale:
             shapes[b + "ls2.gamma"] = (d,)
@@ -173,7 +182,9 @@ def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         >>> q, k, v = split_qkv(state_dict["blocks.0.attn.qkv.weight"])
     """
     if qkv.shape[0] % 3:
-        raise BadInputError(f"a fused qkv tensor needs a first dim divisible by 3, got {tuple(qkv.shape)}")
+        raise BadInputError(
+            f"a fused qkv tensor needs a first dim divisible by 3, got {tuple(qkv.shape)}"
+        )
     q, k, v = qkv.chunk(3, dim=0)
     return q, k, v
 
@@ -304,9 +315,7 @@ def hf_to_timm(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec) -> StateD
     for timm_key, hf_keys in qkv_pairs(spec):
         sd[timm_key] = merge_qkv(*(state_dict[k] for k in hf_keys))
     if spec.no_embed_class:
-        prefix, rest = sd["pos_embed"].split(
-            [spec.num_prefix_tokens, spec.num_patches], dim=1
-        )
+        prefix, rest = sd["pos_embed"].split([spec.num_prefix_tokens, spec.num_patches], dim=1)
         if torch.count_nonzero(prefix):
             raise BadInputError(
                 "the position embedding rows of the class/distillation tokens are not zero: "

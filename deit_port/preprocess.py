@@ -64,8 +64,16 @@ _ATOL = {"pil": PIL_ATOL, "torchvision": TORCHVISION_ATOL}
 _DEFAULT_CROP_PCT = 0.875  # timm.data.transforms_factory: `crop_pct or DEFAULT_CROP_PCT`
 # The processor fields that decide the pixels (compared field by field by compare_preprocessing).
 _FIELDS = (
-    "do_resize", "size", "resample", "do_center_crop", "crop_size",
-    "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
 )
 
 

@@ -93,7 +93,11 @@ class TimmTarget:
 
     def load_hint(self, file: str | os.PathLike) -> str:
         """The Python line that loads the written checkpoint."""
-        args = [repr(self.name), "pretrained=True", f"pretrained_cfg_overlay={self.overlay(file)!r}"]
+        args = [
+            repr(self.name),
+            "pretrained=True",
+            f"pretrained_cfg_overlay={self.overlay(file)!r}",
+        ]
         args += [f"{k}={_hint_value(v)}" for k, v in self.kwargs.items()]
         return f"timm.create_model({', '.join(args)})"
 
@@ -154,7 +158,9 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[object, dict[str, torch.T
     elif (folder / _SINGLE).is_file():
         files = [_SINGLE]
     else:
-        raise BadInputError(f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read")
+        raise BadInputError(
+            f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read"
+        )
     state_dict: dict[str, torch.Tensor] = {}
     for name in files:
         try:
@@ -356,7 +362,9 @@ def _check_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
     loaded = model.state_dict()
     if set(loaded) != set(state_dict):
         raise KeyMismatchError(
-            "loaded timm", sorted(set(state_dict) - set(loaded)), sorted(set(loaded) - set(state_dict))
+            "loaded timm",
+            sorted(set(state_dict) - set(loaded)),
+            sorted(set(loaded) - set(state_dict)),
         )
     for key, value in state_dict.items():
         if not torch.equal(loaded[key], value.to(loaded[key].dtype)):

@@ -195,7 +195,8 @@ def pick_variant(shapes: TensorShapes | None) -> str:
         )
     specs = dict(registered_specs())
     same_size = [
-        n for n in names
+        n
+        for n in names
         if specs[n].patch_size == shapes.patch_size
         and specs[n].img_size == shapes.img_size(_prefix(specs[n]))
     ]
@@ -297,7 +298,9 @@ def _describe(arch) -> str:
 def _wrong_variant(shapes: TensorShapes, name: str, base: ArchSpec) -> str:
     fit = fitting_variants(shapes)
     if fit:
-        where = f"which fit{'s' if len(fit) == 1 else ''} {', '.join(fit)}; give that as MODEL, or auto"
+        where = (
+            f"which fit{'s' if len(fit) == 1 else ''} {', '.join(fit)}; give that as MODEL, or auto"
+        )
     else:
         where = "which fits no registered DeiT (`deit-port list`); is it a DeiT checkpoint?"
     ours, theirs = _describe(base), shapes.describe()
@@ -321,7 +324,9 @@ def _contradiction(key: str, given: int, value: int, shapes: TensorShapes) -> st
     }[key]
     given_text = f"{flag} {given}" if flag else f"{key}={given}"
     drop = f"drop {flag}" if flag else f"drop {key}"
-    return f"{given_text} contradicts the checkpoint: {what}; {drop} (it is read from the checkpoint)"
+    return (
+        f"{given_text} contradicts the checkpoint: {what}; {drop} (it is read from the checkpoint)"
+    )
 
 
 def _check_args(args: dict | None, num_classes: int, img_size: int | None) -> None:
@@ -333,14 +338,18 @@ def _check_args(args: dict | None, num_classes: int, img_size: int | None) -> No
         if _is_int(value) and value != num_classes:
             logger.warning(
                 "the checkpoint's args say %s=%s, its tensors have %s classes; using the tensors",
-                key, value, num_classes,
+                key,
+                value,
+                num_classes,
             )
     for key in ("input_size", "img_size"):
         value = _side(args.get(key))
         if img_size is not None and _is_int(value) and value != img_size:
             logger.warning(
                 "the checkpoint's args say %s=%s, its tensors are for %s px; using the tensors",
-                key, args.get(key), img_size,
+                key,
+                args.get(key),
+                img_size,
             )
 
 

@@ -41,7 +41,7 @@ def resolve_model_name(name: str) -> str:
     import timm
 
     if name.startswith(_LEGACY_PREFIX):
-        name = "deit_" + name[len(_LEGACY_PREFIX):]
+        name = "deit_" + name[len(_LEGACY_PREFIX) :]
     arch = name.split(".", 1)[0]
     if timm.is_model(arch):
         return name
@@ -78,9 +78,7 @@ def _create(name: str, **kwargs) -> nn.Module:
         raise BadInputError(f"timm cannot build {name} with {settings}: {first_line(e)}") from e
 
 
-def create_timm_model(
-    name: str, init: str = "pretrained", seed: int = 0, **kwargs
-) -> nn.Module:
+def create_timm_model(name: str, init: str = "pretrained", seed: int = 0, **kwargs) -> nn.Module:
     """Create a timm model in eval mode.
 
     Args:
@@ -146,7 +144,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
                 value = draw(p.shape, 0.05)
             elif p.ndim >= 2 and name == "weight":
                 fan_in = math.prod(p.shape[1:])
-                value = draw(p.shape, fan_in ** -0.5)
+                value = draw(p.shape, fan_in**-0.5)
             else:  # tokens, position embeddings
                 value = draw(p.shape, 0.02)
             p.copy_(value.to(p.dtype))

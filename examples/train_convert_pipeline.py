@@ -37,7 +37,9 @@ LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 EPOCHS, BATCH_SIZE, LR, EMA_DECAY = 12, 32, 1e-3, 0.99
 
 
-def digits_split(seed: int = 0) -> tuple[list[Image.Image], np.ndarray, list[Image.Image], np.ndarray]:
+def digits_split(
+    seed: int = 0,
+) -> tuple[list[Image.Image], np.ndarray, list[Image.Image], np.ndarray]:
     """The digits as PIL images (grey levels 0..16 scaled to 0..255), split 75/25, stratified."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -47,6 +49,7 @@ def digits_split(seed: int = 0) -> tuple[list[Image.Image], np.ndarray, list[Ima
     train_x, test_x, train_y, test_y = train_test_split(
         pixels, digits.target, test_size=0.25, random_state=seed, stratify=digits.target
     )
+
     def to_images(arrays):
         return [Image.fromarray(a, mode="L") for a in arrays]
 
@@ -81,8 +84,14 @@ def train(images: list[Image.Image], labels: np.ndarray, epochs: int = EPOCHS, s
     optimizer = create_optimizer_v2(model, opt="adamw", lr=LR, weight_decay=0.05)
     steps_per_epoch = -(-len(x) // BATCH_SIZE)
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=1, warmup_lr=1e-5,
-        min_lr=1e-5, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+        optimizer,
+        sched="cosine",
+        num_epochs=epochs,
+        warmup_epochs=1,
+        warmup_lr=1e-5,
+        min_lr=1e-5,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
     )
     ema = ModelEmaV3(model, decay=EMA_DECAY, use_warmup=True)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -100,10 +109,23 @@ def train(images: list[Image.Image], labels: np.ndarray, epochs: int = EPOCHS, s
             ema.update(model, step=step)
         print(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}", flush=True)
     args = argparse.Namespace(  # the arguments timm's train.py would have saved
-        model=MODEL, num_classes=NUM_CLASSES, img_size=IMG_SIZE, input_size=None,
-        model_kwargs={"patch_size": PATCH_SIZE}, opt="adamw", lr=LR, weight_decay=0.05,
-        sched="cosine", warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5, batch_size=BATCH_SIZE,
-        epochs=epochs, model_ema=True, model_ema_decay=EMA_DECAY, seed=seed,
+        model=MODEL,
+        num_classes=NUM_CLASSES,
+        img_size=IMG_SIZE,
+        input_size=None,
+        model_kwargs={"patch_size": PATCH_SIZE},
+        opt="adamw",
+        lr=LR,
+        weight_decay=0.05,
+        sched="cosine",
+        warmup_epochs=1,
+        warmup_lr=1e-5,
+        min_lr=1e-5,
+        batch_size=BATCH_SIZE,
+        epochs=epochs,
+        model_ema=True,
+        model_ema_decay=EMA_DECAY,
+        seed=seed,
     )
     return model.eval(), ema.module.eval(), optimizer, args
 
@@ -161,8 +183,18 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_dir = work / "deit-digits-hf"
     command = [
-        sys.executable, "-m", "deit_port.cli", "convert", MODEL, str(hf_dir),
-        "--checkpoint", str(ckpt), "--ema", "--labels", str(work / "labels.txt"), "--overwrite",
+        sys.executable,
+        "-m",
+        "deit_port.cli",
+        "convert",
+        MODEL,
+        str(hf_dir),
+        "--checkpoint",
+        str(ckpt),
+        "--ema",
+        "--labels",
+        str(work / "labels.txt"),
+        "--overwrite",
     ]
     print("+", " ".join(command[2:]))
     subprocess.run(command, check=True)

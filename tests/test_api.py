@@ -12,15 +12,48 @@ import deit_port.convert
 from deit_port import errors
 
 SEED_NAMES = {"create_rename_keys", "read_in_q_k_v", "rename_key", "convert_deit_checkpoint"}
-CORE = {"ArchSpec", "split_qkv", "merge_qkv", "timm_to_hf", "hf_to_timm", "rename_pairs",
-        "qkv_pairs", "build_config", "convert_timm_model", "verify_hf_folder", "check_parity"}
-ERRORS = {"DeitPortError", "BadInputError", "ParityError", "ParityFailure", "PreprocessingError",
-          "OutputError", "CheckpointError", "KeyMismatchError", "WeightsUnavailableError",
-          "UnsupportedModelError", "ImageLoadError", "MissingExtraError"}
+CORE = {
+    "ArchSpec",
+    "split_qkv",
+    "merge_qkv",
+    "timm_to_hf",
+    "hf_to_timm",
+    "rename_pairs",
+    "qkv_pairs",
+    "build_config",
+    "convert_timm_model",
+    "verify_hf_folder",
+    "check_parity",
+}
+ERRORS = {
+    "DeitPortError",
+    "BadInputError",
+    "ParityError",
+    "ParityFailure",
+    "PreprocessingError",
+    "OutputError",
+    "CheckpointError",
+    "KeyMismatchError",
+    "WeightsUnavailableError",
+    "UnsupportedModelError",
+    "ImageLoadError",
+    "MissingExtraError",
+}
 # Internals a user does not call: they stay in their own modules, not re-exported.
-INTERNALS = {"randomize_", "create_timm_model", "load_timm_model", "read_labels", "save_preprocessor",
-             "hf_model_class", "hf_class_name", "imagenet_labels", "resolve_model_name",
-             "compare_preprocessing", "ParityReport", "PreprocessReport"}
+INTERNALS = {
+    "randomize_",
+    "create_timm_model",
+    "load_timm_model",
+    "read_labels",
+    "save_preprocessor",
+    "hf_model_class",
+    "hf_class_name",
+    "imagenet_labels",
+    "resolve_model_name",
+    "compare_preprocessing",
+    "ParityReport",
+    "PreprocessReport",
+}
 
 
 def test_exports_exist_and_are_documented():

@@ -141,8 +141,13 @@ def _damaged(kind: str, sd) -> tuple[str, bytes, str]:
 
 
 DAMAGED = [
-    "truncated-pth", "truncated-legacy-pth", "truncated-safetensors", "trailing-junk",
-    "zero-bytes", "header-claims-too-much", "not-a-checkpoint",
+    "truncated-pth",
+    "truncated-legacy-pth",
+    "truncated-safetensors",
+    "trailing-junk",
+    "zero-bytes",
+    "header-claims-too-much",
+    "not-a-checkpoint",
 ]
 
 
@@ -155,8 +160,9 @@ def test_damaged_file(tiny_sd, tmp_path, capsys, kind):
     assert says in line and str(path) in line
 
 
-@pytest.mark.parametrize(("kind", "name"), [("truncated-pth", "w.safetensors"),
-                                           ("truncated-safetensors", "w.pth")])
+@pytest.mark.parametrize(
+    ("kind", "name"), [("truncated-pth", "w.safetensors"), ("truncated-safetensors", "w.pth")]
+)
 def test_renamed_damaged_file_is_judged_by_its_content(tiny_sd, tmp_path, capsys, kind, name):
     """A pickle renamed .safetensors (and the reverse) is read as what it is (a whole one
     converts, see test_checkpoint.py::test_a_renamed_file_is_read_by_its_content); a damaged
@@ -265,7 +271,9 @@ def test_unknown_model_name(tiny_sd, tmp_path, capsys):
     path = tmp_path / "w.safetensors"
     save_file(tiny_sd, path)
     line = _convert_fails(
-        tmp_path, ["deit_tiny_patch16_244", str(tmp_path / "out"), "--checkpoint", str(path)], capsys
+        tmp_path,
+        ["deit_tiny_patch16_244", str(tmp_path / "out"), "--checkpoint", str(path)],
+        capsys,
     )
     assert "unknown timm model" in line and "deit_tiny_patch16_224" in line
 
@@ -283,7 +291,8 @@ def test_unsupported_vit_feature_is_named(tiny_sd, tmp_path, capsys):
     path = tmp_path / "w.safetensors"
     save_file(tiny_sd, path)
     line = _convert_fails(
-        tmp_path, ["vit_small_patch14_reg4_dinov2", str(tmp_path / "out"), "--checkpoint", str(path)],
+        tmp_path,
+        ["vit_small_patch14_reg4_dinov2", str(tmp_path / "out"), "--checkpoint", str(path)],
         capsys,
     )
     assert "register tokens" in line
@@ -303,12 +312,16 @@ def ckpt(tiny_sd, tmp_path) -> Path:
 def test_output_is_an_existing_file(ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     out.write_text("not a folder")
-    line = _convert_fails(tmp_path, [TINY, str(out), "--checkpoint", str(ckpt), "--overwrite"], capsys)
+    line = _convert_fails(
+        tmp_path, [TINY, str(out), "--checkpoint", str(ckpt), "--overwrite"], capsys
+    )
     assert "existing file" in line
 
 
 def test_output_is_the_checkpoint_itself(ckpt, tmp_path, capsys):
-    line = _convert_fails(tmp_path, [TINY, str(ckpt), "--checkpoint", str(ckpt), "--overwrite"], capsys)
+    line = _convert_fails(
+        tmp_path, [TINY, str(ckpt), "--checkpoint", str(ckpt), "--overwrite"], capsys
+    )
     assert "is the checkpoint itself" in line
 
 
@@ -338,7 +351,9 @@ def test_output_not_writable(ckpt, tmp_path, capsys, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkdtemp", denied)
-    line = _convert_fails(tmp_path, [TINY, str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys)
+    line = _convert_fails(
+        tmp_path, [TINY, str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys
+    )
     assert "Permission denied" in line
 
 
@@ -378,8 +393,20 @@ def test_full_disk(ckpt, tmp_path, capsys, monkeypatch, earlier):
 def test_interrupted_write_leaves_no_folder_under_the_final_name(ckpt, tmp_path):
     """SIGKILL mid-write: the final name never appears; the next run removes the leftover."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "deit_port.cli", "-q", "convert", TINY, str(out),
-           "--checkpoint", str(ckpt), "--max-shard-size", "200KB", "--no-verify"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deit_port.cli",
+        "-q",
+        "convert",
+        TINY,
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--max-shard-size",
+        "200KB",
+        "--no-verify",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
@@ -401,7 +428,9 @@ def test_interrupted_write_leaves_no_folder_under_the_final_name(ckpt, tmp_path)
     assert not out.exists(), "a partial folder is under the final name"
     assert partial.exists() and partial.name.startswith(".out.")  # hidden, named as temporary
 
-    assert cli.main(["-q", "convert", TINY, str(out), "--checkpoint", str(ckpt), "--no-verify"]) == 0
+    assert (
+        cli.main(["-q", "convert", TINY, str(out), "--checkpoint", str(ckpt), "--no-verify"]) == 0
+    )
     assert (out / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith((".partial", ".old"))]
 
@@ -409,7 +438,9 @@ def test_interrupted_write_leaves_no_folder_under_the_final_name(ckpt, tmp_path)
 def _dead_pid() -> int:
     r = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(r.stdout)
 
@@ -422,8 +453,12 @@ def test_leftovers_of_dead_runs_are_removed_those_of_live_ones_kept(ckpt, tmp_pa
     running.mkdir()
     other = tmp_path / f".out.v2.{_dead_pid()}.abcdefgh.partial"  # "out.v2"'s, not ours
     other.mkdir()
-    assert cli.main(["-q", "convert", TINY, str(tmp_path / "out"), "--checkpoint", str(ckpt),
-                     "--no-verify"]) == 0
+    assert (
+        cli.main(
+            ["-q", "convert", TINY, str(tmp_path / "out"), "--checkpoint", str(ckpt), "--no-verify"]
+        )
+        == 0
+    )
     assert not stale.exists() and running.is_dir() and other.is_dir()
 
 
@@ -455,5 +490,7 @@ def test_contradictory_options_are_usage_errors(ckpt, tmp_path, capsys, extra):
 
 
 def test_ema_flag_without_a_checkpoint(tmp_path, capsys):
-    line = _convert_fails(tmp_path, [TINY, str(tmp_path / "out"), "--init", "random", "--ema"], capsys)
+    line = _convert_fails(
+        tmp_path, [TINY, str(tmp_path / "out"), "--init", "random", "--ema"], capsys
+    )
     assert "--checkpoint" in line

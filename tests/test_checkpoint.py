@@ -98,7 +98,9 @@ def test_remap_reads_the_same_weights_through_a_new_map(tiny, tmp_path, how, nam
 
 
 def test_remap_leaves_converted_weights_alone_and_sees_a_changed_file(tiny, tmp_path):
-    half = _save({k: v.half() for k, v in _sd(tiny).items()}, tmp_path / "h.safetensors", "safetensors")
+    half = _save(
+        {k: v.half() for k, v in _sd(tiny).items()}, tmp_path / "h.safetensors", "safetensors"
+    )
     assert remap_state_dict(read_checkpoint(half)) is None  # float16: converted when loaded
     path = _save(_sd(tiny), tmp_path / "w.safetensors", "safetensors")
     ckpt = read_checkpoint(path)
@@ -126,7 +128,11 @@ def test_converted_from_a_new_map_the_written_weights_are_the_mapping(tmp_path, 
     assert path.read_bytes() == before
 
 
-RENAMED = [("safetensors", "w.pth"), ("torch-zip", "w.safetensors"), ("torch-pickle", "w.safetensors")]
+RENAMED = [
+    ("safetensors", "w.pth"),
+    ("torch-zip", "w.safetensors"),
+    ("torch-pickle", "w.safetensors"),
+]
 
 
 @pytest.mark.parametrize(("how", "name"), RENAMED, ids=[f"{h}-as-{n}" for h, n in RENAMED])
@@ -165,8 +171,12 @@ def test_facebookresearch_deit_training_checkpoint(tiny, tiny_ema, tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save(
         {
-            "model": sd, "optimizer": opt.state_dict(), "lr_scheduler": {"last_epoch": 3},
-            "epoch": 3, "model_ema": ema_sd, "scaler": {"scale": 65536.0},
+            "model": sd,
+            "optimizer": opt.state_dict(),
+            "lr_scheduler": {"last_epoch": 3},
+            "epoch": 3,
+            "model_ema": ema_sd,
+            "scaler": {"scale": 65536.0},
             "args": argparse.Namespace(model=TINY, lr=5e-4, data_path="/imagenet"),
         },
         path,
@@ -214,7 +224,9 @@ def test_ema_flags_need_the_weights_they_name(tiny, tmp_path):
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])
 def test_wrapper_prefixes_are_stripped(tiny, tmp_path, prefix):
     sd = _sd(tiny)
-    path = _save({prefix + k: v for k, v in sd.items()}, tmp_path / "ddp.safetensors", "safetensors")
+    path = _save(
+        {prefix + k: v for k, v in sd.items()}, tmp_path / "ddp.safetensors", "safetensors"
+    )
     assert_state_dicts_equal(read_checkpoint(path).state_dict, sd, prefix)
 
 
@@ -223,7 +235,8 @@ def test_original_deit3_gamma_names_load(tmp_path):
     model = random_timm_model("deit3_small_patch16_224", seed=5)
     sd = _sd(model)
     original = {
-        k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2"): v for k, v in sd.items()
+        k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2"): v
+        for k, v in sd.items()
     }
     assert "blocks.0.gamma_1" in original and "blocks.0.ls1.gamma" not in original
     path = _save({"model": original}, tmp_path / "deit_3_small_224_1k.pth", "torch-zip")
@@ -340,8 +353,18 @@ def test_labels_file_names_the_classes(tiny, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(LABELS) + "\n")
     out = tmp_path / "out"
-    argv = ["convert", TINY, str(out), "--checkpoint", str(ckpt), "--num-classes", "3",
-            "--labels", str(labels), "-q"]
+    argv = [
+        "convert",
+        TINY,
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--num-classes",
+        "3",
+        "--labels",
+        str(labels),
+        "-q",
+    ]
     assert cli.main(argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "cat", "1": "dog", "2": "wombat"}
@@ -366,7 +389,9 @@ def test_dtype_casts_the_written_weights(tiny, tmp_path, dtype, st_dtype):
     x = parity_inputs(tiny, n=4, seed=0)
     diff = (model_output(hf, x) - model_output(tiny, x)).abs().max().item()
     assert diff > 0, "the cast should be visible in the logits"
-    assert report.passed and diff <= report.atol, f"max |diff| {diff:.3g} vs the stated {report.atol}"
+    assert report.passed and diff <= report.atol, (
+        f"max |diff| {diff:.3g} vs the stated {report.atol}"
+    )
     assert report.atol > 1e-3, "a float32 tolerance cannot hold for rounded weights"
     assert abs(report.max_abs_diff - diff) <= 1e-6
 
@@ -391,13 +416,18 @@ def test_shards_past_max_shard_size_with_a_complete_index(tiny, tmp_path):
     assert sorted(in_shards) == sorted(whole) == sorted(index["weight_map"])
     for k, v in whole.items():
         assert torch.equal(in_shards[k], v), k
-    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in whole.values())
+    assert index["metadata"]["total_size"] == sum(
+        v.numel() * v.element_size() for v in whole.values()
+    )
 
     hf, info = AutoModelForImageClassification.from_pretrained(many, output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     x = parity_inputs(tiny, n=2, seed=0)
     torch.testing.assert_close(
-        model_output(hf, x), model_output(tiny, x), atol=ATOL, rtol=0,
+        model_output(hf, x),
+        model_output(tiny, x),
+        atol=ATOL,
+        rtol=0,
         msg=lambda m: f"sharded folder vs timm: {m}",
     )
 
@@ -448,11 +478,22 @@ def test_pretrained_from_the_local_hub_cache_offline(tiny, tmp_path):
 def test_seed_interface_takes_the_new_options(tiny, tmp_path):
     ckpt = _save({"model": _sd(tiny), "model_ema": _sd(tiny)}, tmp_path / "c.pth", "torch-zip")
     out = tmp_path / "out"
-    code = convert_main([
-        "--deit_name", "vit_deit_tiny_patch16_224",
-        "--pytorch_dump_folder_path", str(out), "--checkpoint", str(ckpt), "--no-ema",
-        "--dtype", "bfloat16", "--max-shard-size", "2MB", "-q",
-    ])  # `python -m deit_port.convert` runs this main (tests/test_cli.py runs it as a module)
+    code = convert_main(
+        [
+            "--deit_name",
+            "vit_deit_tiny_patch16_224",
+            "--pytorch_dump_folder_path",
+            str(out),
+            "--checkpoint",
+            str(ckpt),
+            "--no-ema",
+            "--dtype",
+            "bfloat16",
+            "--max-shard-size",
+            "2MB",
+            "-q",
+        ]
+    )  # `python -m deit_port.convert` runs this main (tests/test_cli.py runs it as a module)
     assert code == 0
     assert (out / "model.safetensors.index.json").is_file()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

@@ -19,7 +19,10 @@ def test_convert_random_writes_a_loadable_folder(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["convert", TINY, str(out), *TINY_ARGS]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
     ]
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["ViTForImageClassification"]
@@ -52,7 +55,10 @@ def test_overwrite_replaces_the_whole_folder(tmp_path):
     (out / "model-00001-of-00009.safetensors").write_text("stale shard")
     assert cli.main(["convert", TINY, str(out), *TINY_ARGS, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
     ]
 
 
@@ -72,7 +78,10 @@ def test_non_deit_model_is_refused(capsys, tmp_path):
 def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
     def swapped_norms(state_dict, spec, **kwargs):
         sd = timm_to_hf(state_dict, spec, **kwargs)
-        a, b = "vit.encoder.layer.0.layernorm_before.weight", "vit.encoder.layer.0.layernorm_after.weight"
+        a, b = (
+            "vit.encoder.layer.0.layernorm_before.weight",
+            "vit.encoder.layer.0.layernorm_after.weight",
+        )
         sd[a], sd[b] = sd[b], sd[a]
         return sd
 
@@ -112,8 +121,14 @@ def test_pretrained_offline_fails_clearly_without_fallback(tmp_path):
 def test_seed_interface_runs_as_a_module(tmp_path):
     out = tmp_path / "out"
     r = run_python(
-        "-m", "deit_port.convert", "--deit_name", "vit_deit_tiny_distilled_patch16_224",
-        "--pytorch_dump_folder_path", str(out), "--init", "random",
+        "-m",
+        "deit_port.convert",
+        "--deit_name",
+        "vit_deit_tiny_distilled_patch16_224",
+        "--pytorch_dump_folder_path",
+        str(out),
+        "--init",
+        "random",
     )
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").is_file()

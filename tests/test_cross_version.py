@@ -35,8 +35,10 @@ pytestmark = pytest.mark.skipif(not XV_DIR, reason="cross-version check: set DEI
 MAJOR = int(transformers.__version__.split(".")[0])
 OTHER = 4 if MAJOR >= 5 else 5
 VARIANTS = ["deit3_small_patch16_224", "deit_tiny_distilled_patch16_224", "deit_tiny_patch16_224"]
-SAVED = {"vit": (ViTConfig, ViTForImageClassification),
-         "deit": (DeiTConfig, DeiTForImageClassificationWithTeacher)}
+SAVED = {
+    "vit": (ViTConfig, ViTForImageClassification),
+    "deit": (DeiTConfig, DeiTForImageClassificationWithTeacher),
+}
 SEED = 99
 
 
@@ -53,7 +55,10 @@ def _other_folder(*parts: str) -> Path:
 def _assert_close(actual, expected, what):
     assert actual.shape == expected.shape, what
     torch.testing.assert_close(
-        actual, expected, atol=ATOL_MEASURED, rtol=0,
+        actual,
+        expected,
+        atol=ATOL_MEASURED,
+        rtol=0,
         msg=lambda m: f"{what} (transformers {transformers.__version__}): {m}",
     )
 
@@ -69,8 +74,14 @@ def test_write_converted(variant):
 def test_write_save_pretrained(kind):
     config_class, model_class = SAVED[kind]
     config = config_class(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
-        image_size=64, patch_size=16, num_labels=5, layer_norm_eps=1e-6,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=96,
+        image_size=64,
+        patch_size=16,
+        num_labels=5,
+        layer_norm_eps=1e-6,
     )
     model = randomize_(model_class(config), seed=SEED).eval()
     model.save_pretrained(_side(MAJOR) / "saved" / kind)
@@ -79,7 +90,9 @@ def test_write_save_pretrained(kind):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_load_converted_from_other_version(variant):
     folder = _other_folder("converted", variant)
-    hf_model, info = AutoModelForImageClassification.from_pretrained(folder, output_loading_info=True)
+    hf_model, info = AutoModelForImageClassification.from_pretrained(
+        folder, output_loading_info=True
+    )
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     timm_model = random_timm_model(variant, seed=SEED)
     x = parity_inputs(timm_model, n=4, seed=SEED)
@@ -93,7 +106,9 @@ def test_load_saved_from_other_version_via_timm(kind):
     spec = ArchSpec.from_hf_config(AutoConfig.from_pretrained(folder))
     timm_model = build_timm_model(spec)
     timm_model.load_state_dict(hf_to_timm(load_file(folder / "model.safetensors"), spec))
-    hf_model, info = AutoModelForImageClassification.from_pretrained(folder, output_loading_info=True)
+    hf_model, info = AutoModelForImageClassification.from_pretrained(
+        folder, output_loading_info=True
+    )
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     x = torch.randn(4, 3, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(0))
     _assert_close(model_output(hf_model.eval(), x), model_output(timm_model.eval(), x), kind)

@@ -45,7 +45,10 @@ def _assert_folder_matches(folder: Path, source, what: str, n: int = 4) -> None:
     hf = auto.from_pretrained(folder, **kwargs).eval()
     x = parity_inputs(source, n=n, seed=0)
     torch.testing.assert_close(
-        model_output(hf, x), model_output(source, x), atol=ATOL_MEASURED, rtol=0,
+        model_output(hf, x),
+        model_output(source, x),
+        atol=ATOL_MEASURED,
+        rtol=0,
         msg=lambda m: f"{what}: beyond {ATOL_MEASURED}: {m}",
     )
 
@@ -56,11 +59,15 @@ FINETUNES = [
     pytest.param(TINY, {"num_classes": 37}, "37 classes, 224 px", id=f"{TINY}-37-classes"),
     pytest.param(TINY, {"img_size": 160}, "1000 classes, 160 px", id=f"{TINY}-160-px"),
     pytest.param(
-        TINY_DISTILLED, {"num_classes": 37, "img_size": 160}, "37 classes, 160 px",
+        TINY_DISTILLED,
+        {"num_classes": 37, "img_size": 160},
+        "37 classes, 160 px",
         id=f"{TINY_DISTILLED}-37-classes-160-px",
     ),
     pytest.param(
-        DEIT3_SMALL, {"num_classes": 37, "img_size": 160}, "37 classes, 160 px",
+        DEIT3_SMALL,
+        {"num_classes": 37, "img_size": 160},
+        "37 classes, 160 px",
         id=f"{DEIT3_SMALL}-37-classes-160-px",
     ),
 ]
@@ -117,8 +124,15 @@ def test_auto_on_the_command_line_names_the_variant(tmp_path, capsys):
 def _base_shapes(pos_rows: int, patch: int = 16) -> TensorShapes:
     """deit_base's tensors (width 768, 12 blocks, MLP 3072), by hand: no 344 MB file needed."""
     return TensorShapes(
-        embed_dim=768, depth=12, mlp_hidden=3072, patch_size=patch, in_chans=3,
-        num_classes=1000, distilled=False, layer_scale=False, pos_rows=pos_rows,
+        embed_dim=768,
+        depth=12,
+        mlp_hidden=3072,
+        patch_size=patch,
+        in_chans=3,
+        num_classes=1000,
+        distilled=False,
+        layer_scale=False,
+        pos_rows=pos_rows,
     )
 
 
@@ -141,7 +155,9 @@ def test_auto_refuses_when_more_than_one_variant_fits():
 def test_auto_refuses_what_no_variant_fits(tmp_path, capsys):
     source = random_timm_model(TINY, seed=25, depth=2)
     ckpt = _save(source, tmp_path / "w.safetensors")
-    line = _convert_fails(tmp_path, ["auto", str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys)
+    line = _convert_fails(
+        tmp_path, ["auto", str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys
+    )
     assert "no registered DeiT fits the checkpoint (embed dim 192, depth 2)" in line
 
 
@@ -156,16 +172,24 @@ def test_a_flag_contradicting_the_checkpoint_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("model", "says"),
     [
-        (TINY_DISTILLED, "(embed dim 192, depth 12, distilled): its tensors have embed dim 192, "
-         + f"depth 12, no distillation token, which fits {TINY}"),
-        (DEIT3_SMALL, "(embed dim 384, depth 12, layer scale): its tensors have embed dim 192, "
-         + f"depth 12, no layer scale, which fits {TINY}"),
+        (
+            TINY_DISTILLED,
+            "(embed dim 192, depth 12, distilled): its tensors have embed dim 192, "
+            + f"depth 12, no distillation token, which fits {TINY}",
+        ),
+        (
+            DEIT3_SMALL,
+            "(embed dim 384, depth 12, layer scale): its tensors have embed dim 192, "
+            + f"depth 12, no layer scale, which fits {TINY}",
+        ),
     ],
     ids=[TINY_DISTILLED, DEIT3_SMALL],
 )
 def test_a_checkpoint_of_another_variant_is_one_line(tmp_path, capsys, model, says):
     ckpt = _save(random_timm_model(TINY, seed=27), tmp_path / "w.safetensors")
-    line = _convert_fails(tmp_path, [model, str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys)
+    line = _convert_fails(
+        tmp_path, [model, str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys
+    )
     assert f"does not fit {model} {says}" in line
 
 
@@ -176,10 +200,14 @@ def test_training_args_that_disagree_are_reported_and_the_tensors_win(tmp_path, 
     ckpt = _save(source, tmp_path / "checkpoint.pth", wrap="model", args=args, epoch=3)
     with caplog.at_level(logging.WARNING, logger="deit_port"):
         model, _ = load_timm_model(TINY, ckpt)
-    assert "the checkpoint's args say nb_classes=10, its tensors have 37 classes; using the tensors" \
+    assert (
+        "the checkpoint's args say nb_classes=10, its tensors have 37 classes; using the tensors"
         in caplog.messages
-    assert "the checkpoint's args say input_size=224, its tensors are for 160 px; using the tensors" \
+    )
+    assert (
+        "the checkpoint's args say input_size=224, its tensors are for 160 px; using the tensors"
         in caplog.messages
+    )
     assert model.num_classes == 37 and model.patch_embed.img_size == (160, 160)
 
 
@@ -208,7 +236,10 @@ def _timm_at(name: str, ckpt: Path, img_size: int):
     import timm
 
     return timm.create_model(
-        name, pretrained=True, pretrained_cfg_overlay={"file": str(ckpt)}, depth=2,
+        name,
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(ckpt)},
+        depth=2,
         img_size=img_size,
     ).eval()
 

@@ -44,18 +44,29 @@ def test_drawn_architectures_convert_with_parity(spec, seed):
     expected = model_output(timm_model, x)
     actual = model_output(hf_model, x)
     tokens = spec.num_patches + spec.num_prefix_tokens
-    assert expected.shape == ((3, spec.num_classes) if spec.num_classes else (3, tokens, spec.embed_dim))
+    assert expected.shape == (
+        (3, spec.num_classes) if spec.num_classes else (3, tokens, spec.embed_dim)
+    )
     torch.testing.assert_close(
-        actual, expected, atol=ATOL_MEASURED, rtol=0,
+        actual,
+        expected,
+        atol=ATOL_MEASURED,
+        rtol=0,
         msg=lambda m: f"{spec}: beyond the measured bound {ATOL_MEASURED}: {m}",
     )
 
 
 # (kwargs strategy, the words the error must contain, whether timm's distilled class takes it)
 UNSUPPORTED = {
-    "reg_tokens": (st.builds(lambda n: {"reg_tokens": n}, st.integers(1, 4)), "register tokens", False),
+    "reg_tokens": (
+        st.builds(lambda n: {"reg_tokens": n}, st.integers(1, 4)),
+        "register tokens",
+        False,
+    ),
     "global_pool": (
-        st.builds(lambda p: {"global_pool": p}, st.sampled_from(["avg", "max", "avgmax", "map", ""])),
+        st.builds(
+            lambda p: {"global_pool": p}, st.sampled_from(["avg", "max", "avgmax", "map", ""])
+        ),
         "global_pool",
         False,
     ),
@@ -65,7 +76,9 @@ UNSUPPORTED = {
     "pre_norm": (st.just({"pre_norm": True}), "norm_pre", True),
     "final_norm": (st.just({"final_norm": False}), "final norm", True),
     "act_layer": (
-        st.builds(lambda a: {"act_layer": a}, st.sampled_from(["relu", "silu", "gelu_tanh", "quick_gelu"])),
+        st.builds(
+            lambda a: {"act_layer": a}, st.sampled_from(["relu", "silu", "gelu_tanh", "quick_gelu"])
+        ),
         "non-GELU",
         True,
     ),

@@ -20,7 +20,9 @@ def test_convert_from_a_checkpoint_draws_no_random_numbers(tmp_path):
     )
     torch.manual_seed(0)
     before = torch.random.get_rng_state()
-    report = convert_deit_checkpoint("deit_tiny_distilled_patch16_224", tmp_path / "out", checkpoint=ckpt)
+    report = convert_deit_checkpoint(
+        "deit_tiny_distilled_patch16_224", tmp_path / "out", checkpoint=ckpt
+    )
     assert report.passed
     assert torch.equal(torch.random.get_rng_state(), before), "random numbers were drawn"
 

@@ -35,7 +35,9 @@ from .util import ATOL_CONTRACT, ATOL_MEASURED, model_output, random_timm_model
 
 SEED = 5
 DEIT, DISTILLED, DEIT3 = (
-    "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "deit3_small_patch16_224"
+    "deit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224",
+    "deit3_small_patch16_224",
 )
 
 
@@ -61,7 +63,11 @@ def converted():
             spec = ArchSpec.from_timm(model)
             x = parity_inputs(model, n=4, seed=SEED)
             cache[name] = Converted(
-                model, spec, timm_to_hf(model.state_dict(), spec), build_config(spec), x,
+                model,
+                spec,
+                timm_to_hf(model.state_dict(), spec),
+                build_config(spec),
+                x,
                 model_output(model, x),
             )
         return cache[name]
@@ -123,7 +129,11 @@ def _classifier_bias_dropped(c, sd, config):
 
 
 def _fc1_layers(c, sd, config):
-    _swap(sd, _layer(c.spec, 0) + "intermediate.dense.weight", _layer(c.spec, 1) + "intermediate.dense.weight")
+    _swap(
+        sd,
+        _layer(c.spec, 0) + "intermediate.dense.weight",
+        _layer(c.spec, 1) + "intermediate.dense.weight",
+    )
 
 
 def _fc2_layers(c, sd, config):
@@ -160,7 +170,10 @@ def _layer_scale_not_folded(c, sd, config):
     source = c.timm_model.state_dict()
     for i in range(c.spec.depth):
         layer = _layer(c.spec, i)
-        for timm_name, hf_name in (("attn.proj", "attention.output.dense"), ("mlp.fc2", "output.dense")):
+        for timm_name, hf_name in (
+            ("attn.proj", "attention.output.dense"),
+            ("mlp.fc2", "output.dense"),
+        ):
             for param in ("weight", "bias"):
                 sd[f"{layer}{hf_name}.{param}"] = source[f"blocks.{i}.{timm_name}.{param}"]
 
@@ -173,7 +186,9 @@ def _layer_scale_folds_swapped(c, sd, config):
         pairs = (("attn.proj", "attention.output.dense", "ls2"), ("mlp.fc2", "output.dense", "ls1"))
         for timm_name, hf_name, ls in pairs:
             gamma = source[f"blocks.{i}.{ls}.gamma"]
-            sd[f"{layer}{hf_name}.weight"] = source[f"blocks.{i}.{timm_name}.weight"] * gamma[:, None]
+            sd[f"{layer}{hf_name}.weight"] = (
+                source[f"blocks.{i}.{timm_name}.weight"] * gamma[:, None]
+            )
             sd[f"{layer}{hf_name}.bias"] = source[f"blocks.{i}.{timm_name}.bias"] * gamma
 
 
@@ -183,7 +198,11 @@ def _patch_kernel_transposed(c, sd, config):
 
 
 EMB, BLOCK0, BLOCK1, NORM, LOGITS = (
-    "embeddings", "block 0 output", "block 1 output", "final norm", "logits"
+    "embeddings",
+    "block 0 output",
+    "block 1 output",
+    "final norm",
+    "logits",
 )
 
 # mutation: (model, fn, the stage where it sits: the first divergence check_parity must name)
@@ -216,7 +235,11 @@ def _max_diff(c: Converted, sd: dict, config) -> tuple[float, ParityReport]:
     """The suite's own max |diff| of the outputs, and the converter's layer-by-layer gate."""
     hf_model = load_hf_state_dict(sd, config, c.spec)
     actual = model_output(hf_model, c.inputs)
-    diff = float((actual - c.expected).abs().max()) if actual.shape == c.expected.shape else float("inf")
+    diff = (
+        float((actual - c.expected).abs().max())
+        if actual.shape == c.expected.shape
+        else float("inf")
+    )
     gate = check_parity(c.timm_model, hf_model, c.inputs, atol=ATOL_MEASURED, layers=True)
     return diff, gate
 
@@ -252,12 +275,18 @@ def test_every_mutation_is_caught(mutation, converted, record_property):
     first = gate.first_divergence
     record_property("first_divergence", None if first is None else first.stage)
     if first is not None:
-        record_property("measured", [
-            (mutation, name, f"first divergence: {first.stage}, max |diff| {first.max_abs_diff:.3g}")
-        ])
+        record_property(
+            "measured",
+            [
+                (
+                    mutation,
+                    name,
+                    f"first divergence: {first.stage}, max |diff| {first.max_abs_diff:.3g}",
+                )
+            ],
+        )
     assert first is not None and first.stage == stage, (
         f"mutation {mutation} of {name} sits at {stage!r} but the first stage past "
         f"{ATOL_MEASURED} is {first and first.stage!r}:\n{gate.table()}"
     )
     assert f"first divergence: {stage}," in gate.summary(), gate.summary()
-

@@ -32,7 +32,9 @@ def _assert_parity(timm_model, hf_model, x, record_property, variant):
 def _assert_outputs(expected, hf_model, x, record_property, variant):
     hf_model.to(DEVICE).eval()
     actual = model_output(hf_model, x.to(DEVICE)).float().cpu()
-    assert actual.shape == expected.shape, f"{variant}: shape {actual.shape} != timm {expected.shape}"
+    assert actual.shape == expected.shape, (
+        f"{variant}: shape {actual.shape} != timm {expected.shape}"
+    )
     # Parity on outputs that hardly depend on the input would prove little: timm's outputs
     # for the batch's inputs must differ from each other by more than the contract tolerance.
     spread = (expected - expected[:1]).abs().amax()
@@ -50,7 +52,10 @@ def _assert_outputs(expected, hf_model, x, record_property, variant):
     # ... and how much tighter we really are: a LayerNorm eps of 1e-12 instead of timm's 1e-6
     # already moves logits by ~6e-4, so this bound catches it.
     torch.testing.assert_close(
-        actual, expected, atol=ATOL_MEASURED, rtol=0,
+        actual,
+        expected,
+        atol=ATOL_MEASURED,
+        rtol=0,
         msg=lambda m: f"{variant}: beyond the measured bound {ATOL_MEASURED}: {m}",
     )
 
@@ -85,7 +90,8 @@ def test_shared_conversion_is_of_the_seeded_model(variant, converted_variant):
 
 
 @pytest.mark.parametrize(
-    "variant", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "deit3_small_patch16_224"]
+    "variant",
+    ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "deit3_small_patch16_224"],
 )
 def test_custom_finetune_parity(variant, tmp_path, record_property):
     """A fine-tune with its own classes and resolution: timm num_classes=37, img_size=160."""
@@ -116,7 +122,9 @@ def test_headless_parity(variant, hf_class, tmp_path, record_property):
     """num_classes=0 converts to the base model; every token's final hidden state matches."""
     out = tmp_path / "hf"
     convert_deit_checkpoint(variant, out, init="random", seed=3, model_kwargs={"num_classes": 0})
-    hf_model, info = hf_class.from_pretrained(out, add_pooling_layer=False, output_loading_info=True)
+    hf_model, info = hf_class.from_pretrained(
+        out, add_pooling_layer=False, output_loading_info=True
+    )
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
 
     timm_model = random_timm_model(variant, seed=3, num_classes=0)

@@ -94,8 +94,12 @@ def test_preprocessor_config_is_timms_data_config(variant, converted_variant):
 
 def test_processor_kwargs_follow_other_data_configs():
     config = {
-        "input_size": (3, 160, 160), "interpolation": "bilinear", "crop_pct": 0.95,
-        "crop_mode": "squash", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+        "input_size": (3, 160, 160),
+        "interpolation": "bilinear",
+        "crop_pct": 0.95,
+        "crop_mode": "squash",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
     }
     kwargs = processor_kwargs(config)
     assert kwargs["size"] == {"height": 168, "width": 168}  # floor(160 / 0.95) = 168, squashed
@@ -129,7 +133,10 @@ def test_pixel_parity(variant, converted_variant):
             f"{(exact - expected).abs().max():.3g} (expected bit-exact)"
         )
         torch.testing.assert_close(
-            _pixels(default, [rgb])[0], expected, atol=DEFAULT_BACKEND_PIXEL_ATOL, rtol=0,
+            _pixels(default, [rgb])[0],
+            expected,
+            atol=DEFAULT_BACKEND_PIXEL_ATOL,
+            rtol=0,
             msg=lambda m, name=name: (
                 f"{variant} {name}: default backend beyond "
                 f"DEFAULT_BACKEND_PIXEL_ATOL={DEFAULT_BACKEND_PIXEL_ATOL}: {m}"
@@ -202,11 +209,17 @@ def test_end_to_end_logits(variant, converted_variant, backend, atol, bound, rec
     record_property("mean_abs_diff", float(diff.mean()))
     if backend == "pil":
         torch.testing.assert_close(
-            actual, expected, atol=ATOL_CONTRACT, rtol=0,
+            actual,
+            expected,
+            atol=ATOL_CONTRACT,
+            rtol=0,
             msg=lambda m: f"{variant}: beyond the contract atol {ATOL_CONTRACT}: {m}",
         )
     torch.testing.assert_close(
-        actual, expected, atol=atol, rtol=0,
+        actual,
+        expected,
+        atol=atol,
+        rtol=0,
         msg=lambda m: f"{variant} ({backend}): beyond {bound}={atol}: {m}",
     )
     top1 = (actual.argmax(-1), expected.argmax(-1))
@@ -235,16 +248,28 @@ HUB_CONFIGS = {
     # what transformers' convert_deit_timm_to_pytorch.py writes: DeiTImageProcessor defaults
     "converter": {
         "image_processor_type": "DeiTImageProcessor",
-        "do_resize": True, "size": {"height": 256, "width": 256}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
-        "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "do_resize": True,
+        "size": {"height": 256, "width": 256},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
     },
     # the legacy feature-extractor format of the facebook/deit-* repositories
     "legacy": {
-        "feature_extractor_type": "DeiTFeatureExtractor", "do_resize": True, "size": 256,
-        "resample": 3, "do_center_crop": True, "crop_size": 224, "do_normalize": True,
-        "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
+        "feature_extractor_type": "DeiTFeatureExtractor",
+        "do_resize": True,
+        "size": 256,
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": 224,
+        "do_normalize": True,
+        "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD,
     },
 }
 

@@ -67,7 +67,11 @@ def test_merge_of_split_is_the_fused_tensor(data):
     fused = data.draw(tensors(shape), label="fused")
     n = shape[0] // 3
     q, k, v = split_qkv(fused)
-    for part, rows, name in ((q, slice(0, n), "q"), (k, slice(n, 2 * n), "k"), (v, slice(2 * n, None), "v")):
+    for part, rows, name in (
+        (q, slice(0, n), "q"),
+        (k, slice(n, 2 * n), "k"),
+        (v, slice(2 * n, None), "v"),
+    ):
         assert_bitwise_equal(part, fused[rows], f"{name} rows")
         assert _shares_storage(part, fused), f"{name} is a copy, not a view of the fused tensor"
     assert_bitwise_equal(merge_qkv(q, k, v), fused, "merge_qkv(*split_qkv(t))")
@@ -169,8 +173,12 @@ def test_timm_to_hf_returns_views_of_the_source(spec_and_sd):
     new = set()
     if spec.layer_scale:
         for i in range(spec.depth):
-            new |= {f"blocks.{i}.attn.proj.weight", f"blocks.{i}.attn.proj.bias",
-                    f"blocks.{i}.mlp.fc2.weight", f"blocks.{i}.mlp.fc2.bias"}
+            new |= {
+                f"blocks.{i}.attn.proj.weight",
+                f"blocks.{i}.attn.proj.bias",
+                f"blocks.{i}.mlp.fc2.weight",
+                f"blocks.{i}.mlp.fc2.bias",
+            }
     if spec.no_embed_class:
         new.add("pos_embed")
     for timm_key, hf_key in rename_pairs(spec):
@@ -206,7 +214,9 @@ def test_fold_in_place_writes_the_same_bits_into_the_source(layer_scale, data):
         assert (value.untyped_storage().data_ptr() in sources) == (key not in new), key
     folded = {
         f"blocks.{i}.{linear}.{p}"
-        for i in range(spec.depth) for linear in ("attn.proj", "mlp.fc2") for p in ("weight", "bias")
+        for i in range(spec.depth)
+        for linear in ("attn.proj", "mlp.fc2")
+        for p in ("weight", "bias")
     }
     rename = dict(rename_pairs(spec))
     for key, value in sd.items():
@@ -298,11 +308,15 @@ def test_deit3_round_trip_keeps_the_logits(spec, seed):
 
     assert set(back) == set(sd)
     for i in range(spec.depth):
-        for gamma, linear in ((f"blocks.{i}.ls1.gamma", f"blocks.{i}.attn.proj"),
-                              (f"blocks.{i}.ls2.gamma", f"blocks.{i}.mlp.fc2")):
+        for gamma, linear in (
+            (f"blocks.{i}.ls1.gamma", f"blocks.{i}.attn.proj"),
+            (f"blocks.{i}.ls2.gamma", f"blocks.{i}.mlp.fc2"),
+        ):
             assert torch.equal(back[gamma], torch.ones_like(sd[gamma])), f"{gamma} is not ones"
             g = sd[gamma]
-            torch.testing.assert_close(back[f"{linear}.weight"], sd[f"{linear}.weight"] * g[:, None])
+            torch.testing.assert_close(
+                back[f"{linear}.weight"], sd[f"{linear}.weight"] * g[:, None]
+            )
             torch.testing.assert_close(back[f"{linear}.bias"], sd[f"{linear}.bias"] * g)
     assert not torch.equal(back["blocks.0.ls1.gamma"], sd["blocks.0.ls1.gamma"]), (
         "randomize_ draws gamma in [0.1, 1): the round trip cannot give it back"
@@ -311,11 +325,20 @@ def test_deit3_round_trip_keeps_the_logits(spec, seed):
     with torch.device("meta"):
         again = build_timm_model(spec)
     again.load_state_dict(back, strict=True, assign=True)
-    x = torch.randn(3, spec.in_chans, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(
+        3,
+        spec.in_chans,
+        spec.img_size,
+        spec.img_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
     with torch.inference_mode():
         expected = model(x) if spec.num_classes else model.forward_features(x)
         actual = again(x) if spec.num_classes else again.forward_features(x)
     torch.testing.assert_close(
-        actual, expected, atol=ATOL_MEASURED, rtol=0,
+        actual,
+        expected,
+        atol=ATOL_MEASURED,
+        rtol=0,
         msg=lambda m: f"DeiT III timm -> HF -> timm changed the output beyond {ATOL_MEASURED}: {m}",
     )

@@ -84,8 +84,12 @@ def test_trained_on_digits_converted_and_classified_by_the_pipeline(
     hf_accuracy = float((hf_top1 == test_labels).mean())
     with torch.inference_mode():
         plain_accuracy = float(
-            (model.eval()(torch.stack([transform(i.convert("RGB")) for i in pngs])).argmax(-1)
-             .numpy() == test_labels).mean()
+            (
+                model.eval()(torch.stack([transform(i.convert("RGB")) for i in pngs]))
+                .argmax(-1)
+                .numpy()
+                == test_labels
+            ).mean()
         )
     measured = {
         "held_out_images": len(paths),
@@ -110,4 +114,6 @@ def test_trained_on_digits_converted_and_classified_by_the_pipeline(
     )
     assert hf_accuracy == timm_accuracy
     assert float(pil_diff.max()) <= ATOL_MEASURED, f"PIL backend: max |diff| {pil_diff.max():.3g}"
-    assert timm_accuracy >= MIN_ACCURACY, f"held-out accuracy {timm_accuracy:.1%} < {MIN_ACCURACY:.0%}"
+    assert timm_accuracy >= MIN_ACCURACY, (
+        f"held-out accuracy {timm_accuracy:.1%} < {MIN_ACCURACY:.0%}"
+    )

@@ -92,7 +92,9 @@ def test_round_trip_gives_back_the_timm_model_bit_for_bit(
     assert f"(timm {variant})" in stdout and "parity PASS" in stdout
     assert "load with: timm.create_model(" in stdout
 
-    overlay = {"file": str(out)} | ({"num_classes": kwargs["num_classes"]} if "num_classes" in kwargs else {})
+    overlay = {"file": str(out)} | (
+        {"num_classes": kwargs["num_classes"]} if "num_classes" in kwargs else {}
+    )
     loaded = timm.create_model(
         variant, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
     ).eval()
@@ -129,8 +131,13 @@ def test_deit3_is_written_for_a_deit3_name_and_computes_the_same(folders, offlin
 def _native_vit(folder, **config_kwargs):
     """A ViT trained in transformers (not converted): eps 1e-12, not a registered DeiT size."""
     settings = {
-        "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3,
-        "intermediate_size": 96, "image_size": 32, "patch_size": 8, "num_labels": 5,
+        "hidden_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 3,
+        "intermediate_size": 96,
+        "image_size": 32,
+        "patch_size": 8,
+        "num_labels": 5,
     }
     config = transformers.ViTConfig(**(settings | config_kwargs))
     torch.manual_seed(SEED)
@@ -160,7 +167,9 @@ def test_a_native_transformers_vit_becomes_a_timm_model_with_kwargs(
     assert loaded.blocks[1].mlp.fc1.out_features == 96
     assert loaded.patch_embed.proj.in_channels == channels
     x = torch.randn(3, channels, 32, 32, generator=torch.Generator().manual_seed(SEED))
-    torch.testing.assert_close(model_output(loaded, x), model_output(hf_model, x), atol=ATOL_MEASURED, rtol=0)
+    torch.testing.assert_close(
+        model_output(loaded, x), model_output(hf_model, x), atol=ATOL_MEASURED, rtol=0
+    )
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(folders, tmp_path, capsys):
@@ -221,11 +230,15 @@ def _bad_folder(tmp_path, what):
         pytest.param("no weights", [], "no model.safetensors", id="no-weights"),
         pytest.param("pooler", [], "unexpected 1 key [vit.pooler.dense.weight]", id="pooler"),
         pytest.param(
-            "vit", ["--model", "deit_small_patch16_224"], "another architecture: embed_dim 384",
+            "vit",
+            ["--model", "deit_small_patch16_224"],
+            "another architecture: embed_dim 384",
             id="other-architecture",
         ),
         pytest.param(
-            "vit", ["--model", "deit_tny_patch16_224"], "did you mean deit_tiny_patch16_224",
+            "vit",
+            ["--model", "deit_tny_patch16_224"],
+            "did you mean deit_tiny_patch16_224",
             id="unknown-name",
         ),
         pytest.param("vit", ["--model", "resnet18"], "not a timm VisionTransformer", id="resnet"),
@@ -261,8 +274,13 @@ def test_sharded_folder_is_read_through_its_index(folders, tmp_path):
     hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)
     sharded = tmp_path / "sharded"
     convert_deit_checkpoint(
-        "deit_tiny_patch16_224", sharded, init="random", seed=SEED, model_kwargs=SHALLOW,
-        verify=False, max_shard_size="200KB",
+        "deit_tiny_patch16_224",
+        sharded,
+        init="random",
+        seed=SEED,
+        model_kwargs=SHALLOW,
+        verify=False,
+        max_shard_size="200KB",
     )
     assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) > 0
     _, single, spec = deit_port.reverse.read_hf_folder(hf_dir)
@@ -311,5 +329,10 @@ def test_progress_bar_moves_on_a_terminal(folders, tmp_path, monkeypatch):
     assert cli.main(["to-timm", str(hf_dir), str(tmp_path / "out.safetensors")]) == 0
     shown = re.findall(r"deit-port: ([a-z ]+):\s+(\d+)%", terminal.getvalue())
     seen = list(dict.fromkeys(shown))  # each update once, in order
-    assert seen == [("reading", "0"), ("writing", "25"), ("loading in timm", "50"),
-                    ("verifying", "75"), ("verifying", "100")], terminal.getvalue()
+    assert seen == [
+        ("reading", "0"),
+        ("writing", "25"),
+        ("loading in timm", "50"),
+        ("verifying", "75"),
+        ("verifying", "100"),
+    ], terminal.getvalue()

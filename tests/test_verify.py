@@ -138,7 +138,9 @@ def test_model_card_parity_report(half_folder, timm_model):
     assert float(rows["mean abs diff"]) == pytest.approx(diff.mean().item(), rel=1e-2)
     top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert rows["top-1 agreement"] == f"{top1:.0%}"
-    assert re.fullmatch(r"max abs diff <= \S+ \(float16 weights, loaded as float32\)", rows["tolerance"])
+    assert re.fullmatch(
+        r"max abs diff <= \S+ \(float16 weights, loaded as float32\)", rows["tolerance"]
+    )
     assert rows["result"] == "PASS"
     assert "4 inputs" in text and "synthetic" in text and "N(0, 1)" in text
     for lib in (torch, timm, transformers):
@@ -152,9 +154,10 @@ def test_model_card_names_the_ema_weights(timm_model, tmp_path):
     torch.save({"model": sd, "model_ema": sd, "epoch": 1}, ckpt)
     out = tmp_path / "out"
     assert cli.main(["-q", "convert", TINY, str(out), "--checkpoint", str(ckpt), "--ema"]) == 0
-    assert "weights: entry 'model_ema' (EMA) of checkpoint.pth (torch zip)" in (
-        out / "README.md"
-    ).read_text()
+    assert (
+        "weights: entry 'model_ema' (EMA) of checkpoint.pth (torch zip)"
+        in (out / "README.md").read_text()
+    )
 
 
 def test_model_card_without_verification_says_so(tmp_path):
@@ -188,7 +191,10 @@ def test_progress_bar_on_a_terminal(tmp_path):
     reader.start()
     proc = subprocess.run(
         [sys.executable, "-m", "deit_port.cli", "convert", TINY, str(tmp_path / "out"), *RANDOM],
-        stdout=subprocess.PIPE, stderr=slave, timeout=600, check=False,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        timeout=600,
+        check=False,
     )
     os.close(slave)
     reader.join(timeout=10)

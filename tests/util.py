@@ -19,7 +19,11 @@ DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
 
 # Every DeiT architecture timm registers, sorted; the tests parametrize over this list.
 DEIT_VARIANTS = sorted(timm.list_models("deit*"))
-FAST_VARIANTS = {"deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "deit3_small_patch16_224"}
+FAST_VARIANTS = {
+    "deit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224",
+    "deit3_small_patch16_224",
+}
 
 # The contract, and how much tighter the conversion really is (measured, see README).
 ATOL_CONTRACT = 1e-3
@@ -135,8 +139,13 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
 def run_python(*args, env: dict | None = None, timeout: float = 600, **kwargs):
     """`python ARGS...` in a subprocess (this interpreter), output captured as text."""
     return subprocess.run(
-        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-        check=False, env={**os.environ, **(env or {})}, **kwargs,
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+        **kwargs,
     )
 
 
