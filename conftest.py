@@ -116,7 +116,8 @@ def _write_parity_table(path: Path, rows: list, mutations: list, config) -> None
             f"transformers {transformers.__version__}. Each case: seeded random weights of a "
             "realistic scale, converted, written, loaded back with `from_pretrained`, 4 inputs (a "
             "preprocessed synthetic image and 3 N(0, 1) tensors). Asserted: allclose at the "
-            "contract 1e-3 and max |diff| <= 1e-4."
+            "contract 1e-3 and max |diff| <= 1e-4 (the other cases: the bound their test names, "
+            "e.g. a written dtype's DTYPE_ATOL)."
         ),
         "",
         "| case | max abs diff | mean abs diff |",

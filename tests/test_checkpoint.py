@@ -375,7 +375,7 @@ def test_labels_file_names_the_classes(tiny, tmp_path):
 
 
 @pytest.mark.parametrize(("dtype", "st_dtype"), [("float16", "F16"), ("bfloat16", "BF16")])
-def test_dtype_casts_the_written_weights(tiny, tmp_path, dtype, st_dtype):
+def test_dtype_casts_the_written_weights(tiny, tmp_path, dtype, st_dtype, record_property):
     ckpt = _save(_sd(tiny), tmp_path / "w.safetensors", "safetensors")
     out = tmp_path / "out"
     report = convert_deit_checkpoint(TINY, out, checkpoint=ckpt, dtype=dtype)
@@ -387,7 +387,11 @@ def test_dtype_casts_the_written_weights(tiny, tmp_path, dtype, st_dtype):
 
     hf = AutoModelForImageClassification.from_pretrained(out, dtype=torch.float32)
     x = parity_inputs(tiny, n=4, seed=0)
-    diff = (model_output(hf, x) - model_output(tiny, x)).abs().max().item()
+    diffs = (model_output(hf, x) - model_output(tiny, x)).abs()
+    diff = diffs.max().item()
+    record_property("variant", f"{TINY} written in {dtype} (tolerance {report.atol:g})")
+    record_property("max_abs_diff", diff)
+    record_property("mean_abs_diff", diffs.mean().item())
     assert diff > 0, "the cast should be visible in the logits"
     assert report.passed and diff <= report.atol, (
         f"max |diff| {diff:.3g} vs the stated {report.atol}"

@@ -158,6 +158,7 @@ def _left(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
 
+@pytest.mark.slow  # a 12-block export, ~12 s: the depth-2 cases above cover -k tiny
 def test_cli_exports_a_full_deit_tiny(tiny, ort, tmp_path, capsys, record_property):
     out = tmp_path / "deit-tiny.onnx"
     source = ["--checkpoint", str(tiny.checkpoint)]  # the timm weights the folder was made from
