@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from deit_port import cli
 
-from .util import random_timm_model
+from .util import dead_pid, random_timm_model
 
 TINY = "deit_tiny_patch16_224"
 
@@ -435,23 +435,13 @@ def test_interrupted_write_leaves_no_folder_under_the_final_name(ckpt, tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith((".partial", ".old"))]
 
 
-def _dead_pid() -> int:
-    r = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(r.stdout)
-
-
 def test_leftovers_of_dead_runs_are_removed_those_of_live_ones_kept(ckpt, tmp_path):
-    stale = tmp_path / f".out.{_dead_pid()}.abcdefgh.partial"
+    stale = tmp_path / f".out.{dead_pid()}.abcdefgh.partial"
     stale.mkdir()
     (stale / "model-00001-of-00009.safetensors").write_bytes(b"half a shard")
     running = tmp_path / f".out.{os.getpid()}.zyxwvuts.partial"  # a live process's
     running.mkdir()
-    other = tmp_path / f".out.v2.{_dead_pid()}.abcdefgh.partial"  # "out.v2"'s, not ours
+    other = tmp_path / f".out.v2.{dead_pid()}.abcdefgh.partial"  # "out.v2"'s, not ours
     other.mkdir()
     assert (
         cli.main(
@@ -465,7 +455,7 @@ def test_leftovers_of_dead_runs_are_removed_those_of_live_ones_kept(ckpt, tmp_pa
 def test_output_moved_aside_by_a_killed_overwrite_is_restored(ckpt, tmp_path, capsys):
     """Killed between moving the earlier output aside and moving the new one in: the next run
     puts the earlier output back (and, without --overwrite, leaves it there)."""
-    aside = tmp_path / f".out.{_dead_pid()}.abcdefgh.old" / "x"
+    aside = tmp_path / f".out.{dead_pid()}.abcdefgh.old" / "x"
     aside.mkdir(parents=True)
     (aside / "config.json").write_text("the earlier conversion")
     out = tmp_path / "out"

@@ -22,7 +22,7 @@ from deit_port.errors import OutputError
 from deit_port.io import atomic_file, atomic_folder
 from deit_port.mapping import hf_to_timm
 
-from .util import random_timm_model
+from .util import dead_pid, random_timm_model
 
 TINY = "deit_tiny_patch16_224"
 
@@ -145,24 +145,14 @@ def test_overwrite_replaces_a_file_that_appeared_meanwhile(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def _dead_pid() -> int:
-    r = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(r.stdout)
-
-
 def test_file_writer_removes_leftovers_of_dead_runs_keeps_live_ones(tmp_path):
     name = "model.safetensors"
-    stale = tmp_path / f".{name}.{_dead_pid()}.abcdefgh.partial"
+    stale = tmp_path / f".{name}.{dead_pid()}.abcdefgh.partial"
     stale.mkdir()
     (stale / name).write_bytes(b"half a checkpoint")
     running = tmp_path / f".{name}.{os.getpid()}.zyxwvuts.partial"  # a live process's
     running.mkdir()
-    other = tmp_path / f".other.{name}.{_dead_pid()}.abcdefgh.partial"  # another output's
+    other = tmp_path / f".other.{name}.{dead_pid()}.abcdefgh.partial"  # another output's
     other.mkdir()
     with atomic_file(tmp_path / name) as tmp:
         tmp.write_text("ours")

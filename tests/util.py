@@ -156,3 +156,10 @@ def model_output(model, x):
             return model(x) if model.num_classes else model.forward_features(x)
         out = model(pixel_values=x)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (a child that printed its pid and ended)."""
+    r = run_python("-c", "import os; print(os.getpid())", timeout=120)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
