@@ -10,7 +10,6 @@ and the pipeline.
 """
 
 import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -36,11 +35,6 @@ def _example():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("DEIT_PORT_REAL_TRAINING") != "1",
-    reason="set DEIT_PORT_REAL_TRAINING=1: under pytest-xdist beside other workers the training "
-    "ran at ~6 s a step on 2 cores (about a minute alone), too slow for CI until that is found",
-)
 @pytest.mark.parametrize("variant", ["deit_tiny_patch16_224"])
 def test_trained_on_digits_converted_and_classified_by_the_pipeline(
     tmp_path, record_property, variant
