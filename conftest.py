@@ -47,6 +47,23 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(_WORKER_THREADS)
+    _steal_work(config)
+
+
+def _steal_work(config) -> None:
+    """`-n N` without `--dist`: xdist's `worksteal` instead of its default `load`.
+
+    `load` hands each worker chunks of the queue that it must finish itself, so a worker can
+    end minutes after the other when a long test is in its last chunk; `worksteal` splits the
+    queue in two and lets an idle worker take half of what the other has not started. An
+    explicit `--dist` is kept. (Set here, not in pytest.ini's addopts: `-p no:xdist` runs would
+    not know the option.)"""
+    if config.getoption("dist", "no") != "load":
+        return
+    given = config.invocation_params.args
+    if any(a == "--dist" or a.startswith(("--dist=", "-d")) for a in given):
+        return
+    config.option.dist = "worksteal"
 
 
 def pytest_addoption(parser):
@@ -59,11 +76,17 @@ def pytest_addoption(parser):
     )
 
 
+# Files whose cases each take minutes (a real training run): they run first.
+_RUN_FIRST = ("test_real_training.py",)
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture
 def pytest_collection_modifyitems(config, items):
     from tests.variants import group_by_variant
 
     group_by_variant(items)
+    # the longest single case first: started last, it would be one worker's tail alone
+    items.sort(key=lambda item: item.path.name not in _RUN_FIRST)  # stable
     if config.getoption("--runslow"):
         return
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")

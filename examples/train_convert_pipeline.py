@@ -34,7 +34,7 @@ from PIL import Image
 MODEL = "deit_tiny_patch16_224"
 IMG_SIZE, PATCH_SIZE, NUM_CLASSES = 16, 4, 10
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-EPOCHS, BATCH_SIZE, LR, EMA_DECAY = 12, 32, 1e-3, 0.99
+EPOCHS, BATCH_SIZE, LR, EMA_DECAY = 6, 32, 1e-3, 0.99
 
 
 def digits_split(
