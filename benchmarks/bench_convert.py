@@ -55,9 +55,11 @@ on the meta device (timm's weight init skipped where timm allows it) and assigns
 checkpoint's tensors (safetensors and torch zip files are memory-mapped copy-on-write; nothing
 is random-initialised: `tests/test_lean.py` checks that torch's random generator is untouched
 through a whole conversion); the renamed and split tensors are views of the source, written by
-safetensors without a copy. DeiT III's layer scale is folded into the loaded tensors in place
-(one `mul_` a tensor): the touched pages of the mapped file become private copies, so the fold
-needs no memory beyond the file's own pages; only the padded position embedding allocates.
+safetensors without a copy. DeiT III's layer scale is folded into new tensors (one multiply a
+tensor; folding into the mapped tensors in place made every page a copy-on-write fault, ten
+times slower), the mapped pages the fold read are handed back to the kernel
+(`checkpoint.release_pages`) and the freed heap before the folder is loaded back
+(`checkpoint.release_freed`), so the peak memory stays what the in-place fold held.
 The NaN/Inf check is one float32 sum per tensor (a finite sum means finite values; a sum that
 overflows is counted exactly). Verification computes timm's outputs first; a mapped checkpoint
 is then converted and written from a new map of its file (`checkpoint.remap_state_dict`: here,

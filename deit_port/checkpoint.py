@@ -36,7 +36,7 @@ import os
 import pickle
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,6 +305,46 @@ def remap_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor] | None:
     if entry != ckpt.entry or {k: (v.shape, v.dtype) for k, v in again.items()} != checked:
         raise CheckpointError(f"{path} changed while it was being converted; convert it again")
     return again
+
+
+def release_pages(tensors: Iterable[torch.Tensor]) -> None:
+    """Hand the pages of memory-mapped tensors back to the kernel (`madvise(MADV_DONTNEED)` on
+    the whole pages inside each tensor), so that what was read from them stops counting in this
+    process's memory.
+
+    Only for tensors of `remap_state_dict` that nothing wrote to and nothing still uses: their
+    pages are the file's own, read from the file again if touched. (On anonymous memory the
+    same call would zero them.) Where `madvise` is not available this does nothing: it changes
+    the memory held, never a value.
+    """
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = getattr(libc, "madvise", None)
+    dontneed = getattr(mmap, "MADV_DONTNEED", None)
+    if madvise is None or dontneed is None:
+        return
+    page = mmap.PAGESIZE
+    for t in tensors:
+        start = -(-t.data_ptr() // page) * page
+        stop = (t.data_ptr() + t.nbytes) // page * page
+        if stop > start:
+            madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), dontneed)
+
+
+def release_freed() -> None:
+    """Return the memory freed so far to the kernel (glibc's `malloc_trim(0)`).
+
+    Tensors of a few MB are allocated from malloc's heap, which keeps what they free: after
+    DeiT III huge's folded tensors (1 GB) were freed, 180 MB of them still counted in the
+    process while the written folder was loaded back. Does nothing without glibc.
+    """
+    import ctypes
+
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
