@@ -238,33 +238,20 @@ def check_state_dict(
             )
 
 
-def _fold(weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, in_place: bool):
+def _fold(weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor):
     g = gamma.float()
-    if in_place and weight.dtype == bias.dtype == torch.float32:
-        # the same float32 products as below, in one pass and without a temporary
-        return weight.mul_(g[:, None]), bias.mul_(g)
-    w, b = (weight.float() * g[:, None]).to(weight.dtype), (bias.float() * g).to(bias.dtype)
-    if not in_place:
-        return w, b
-    return weight.copy_(w), bias.copy_(b)
+    return (weight.float() * g[:, None]).to(weight.dtype), (bias.float() * g).to(bias.dtype)
 
 
-def timm_to_hf(
-    state_dict: Mapping[str, torch.Tensor], spec: ArchSpec, *, fold_in_place: bool = False
-) -> StateDict:
+def timm_to_hf(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec) -> StateDict:
     """Convert a timm state dict to the transformers (hub format) state dict of `spec`.
 
     Renamed and split tensors are views of the source (no copy); only DeiT III's folded
-    layer scale and padded position embedding are new tensors, unless `fold_in_place`.
+    layer scale and padded position embedding are new tensors; `state_dict` is left as it is.
 
     Args:
         state_dict: exactly the keys of `timm_shapes(spec)`.
         spec: the architecture.
-        fold_in_place: write DeiT III's folded `attn.proj` / `mlp.fc2` tensors into the
-            source tensors instead of new ones: `state_dict`'s tensors are modified (and a
-            model holding them computes something else afterwards). For a caller that owns
-            the tensors: on a checkpoint memory-mapped copy-on-write (safetensors,
-            `torch.load(mmap=True)`) it costs no memory beyond the source's pages.
 
     Returns:
         A new dict, keys as in `hf_shapes(spec)`.
@@ -281,7 +268,7 @@ def timm_to_hf(
     for gamma_key, linear in _gamma_keys(spec):
         gamma = sd.pop(gamma_key)
         sd[f"{linear}.weight"], sd[f"{linear}.bias"] = _fold(
-            sd[f"{linear}.weight"], sd[f"{linear}.bias"], gamma, fold_in_place
+            sd[f"{linear}.weight"], sd[f"{linear}.bias"], gamma
         )
     if spec.no_embed_class:
         pos = sd["pos_embed"]
