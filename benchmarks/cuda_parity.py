@@ -29,8 +29,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deit_port.convert import DTYPE_ATOL, convert_timm_model, create_timm_model
+    from deit_port.convert import DTYPE_ATOL, convert_timm_model
     from deit_port.parity import compare_outputs, parity_inputs, reference_stages
+    from deit_port.source import create_timm_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")

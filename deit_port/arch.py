@@ -7,14 +7,24 @@ express in transformers' ViT/DeiT classes is refused with an `UnsupportedModelEr
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import BadInputError, UnsupportedModelError
 
-__all__ = ["ArchSpec"]
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
+__all__ = ["HEADS", "ArchSpec", "with_head"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,125 +96,27 @@ class ArchSpec:
             UnsupportedModelError: not a timm VisionTransformer, or a feature transformers'
                 ViT/DeiT cannot express; the message names it.
         """
-        from timm.layers import Mlp, PatchEmbed
-        from timm.layers.attention import Attention
-        from timm.models.vision_transformer import Block, VisionTransformer
-
-        def refuse(feature: str) -> UnsupportedModelError:
-            return UnsupportedModelError(
-                f"{type(model).__name__}: {feature} is not supported by transformers' "
-                "ViT/DeiT; deit_port converts class-token ViTs with pre-norm blocks only"
-            )
+        from timm.models.vision_transformer import VisionTransformer
 
         if not isinstance(model, VisionTransformer):
             raise UnsupportedModelError(
                 f"{type(model).__name__} is not a timm VisionTransformer; "
                 "deit_port converts DeiT, distilled DeiT and DeiT III models"
             )
-        if getattr(model, "cls_token", None) is None:
-            raise refuse("a model without class token")
-        if getattr(model, "reg_token", None) is not None:
-            raise refuse("register tokens")
-        if model.global_pool != "token":
-            raise refuse(f"global_pool={model.global_pool!r} (only class-token pooling)")
-        if getattr(model, "attn_pool", None) is not None:
-            raise refuse("attention pooling")
-        if not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity):
-            raise refuse("fc_norm")
-        if not isinstance(model.norm_pre, nn.Identity):
-            raise refuse("norm_pre (pre_norm=True)")
-        if not _is_layernorm(model.norm):
-            raise refuse("a missing or non-LayerNorm final norm")
-        if model.pos_embed is None:
-            raise refuse("a model without learned position embedding")
-        if getattr(model, "dynamic_img_size", False):
-            raise refuse("dynamic_img_size")
-        if getattr(model, "pool_include_prefix", False):
-            raise refuse("pool_include_prefix")
-
-        pe = model.patch_embed
-        if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d):
-            raise refuse(f"patch embedding {type(pe).__name__}")
-        if not isinstance(pe.norm, nn.Identity):
-            raise refuse("a normalised patch embedding")
-        if pe.proj.bias is None:
-            raise refuse("a patch embedding without bias")
-        if getattr(pe, "dynamic_img_pad", False) or not getattr(pe, "flatten", True):
-            raise refuse("dynamic patch padding")
-        ph, pw = pe.patch_size
-        ih, iw = pe.img_size
-        if ph != pw or ih != iw:
-            raise refuse(f"non-square patches or images ({ph}x{pw}, {ih}x{iw})")
-        if tuple(pe.proj.stride) != (ph, pw):
-            raise refuse("overlapping patches")
-
-        embed_dim = model.embed_dim
-        blocks = list(model.blocks)
-        if not blocks:
-            raise refuse("a model without blocks")
-        eps = {float(model.norm.eps)}
-        layer_scale = isinstance(blocks[0].ls1, nn.Module) and hasattr(blocks[0].ls1, "gamma")
-        mlp_hidden = blocks[0].mlp.fc1.out_features
-        num_heads = blocks[0].attn.num_heads
-        qkv_bias = blocks[0].attn.qkv.bias is not None
-        for i, blk in enumerate(blocks):
-            where = f"block {i}: "
-            if type(blk) is not Block:
-                raise refuse(where + f"block type {type(blk).__name__}")
-            if not (_is_layernorm(blk.norm1) and _is_layernorm(blk.norm2)):
-                raise refuse(where + "a non-LayerNorm norm")
-            eps |= {float(blk.norm1.eps), float(blk.norm2.eps)}
-            attn = blk.attn
-            if type(attn) is not Attention or getattr(attn, "gate", None) is not None:
-                raise refuse(where + f"attention type {type(attn).__name__}")
-            if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-                raise refuse(where + "qk-norm")
-            if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-                raise refuse(where + "attention scale norm")
-            if attn.num_heads != num_heads or attn.num_heads * attn.head_dim != embed_dim:
-                raise refuse(where + "attention head sizes other than embed_dim / num_heads")
-            if (attn.qkv.bias is not None) != qkv_bias or attn.proj.bias is None:
-                raise refuse(where + "mixed or missing attention biases")
-            for ls in (blk.ls1, blk.ls2):
-                if hasattr(ls, "gamma") != layer_scale or not (
-                    isinstance(ls, nn.Identity) or hasattr(ls, "gamma")
-                ):
-                    raise refuse(where + "mixed layer scale")
-            mlp = blk.mlp
-            if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
-                raise refuse(where + f"MLP type {type(mlp).__name__}")
-            if not _is_exact_gelu(mlp.act):
-                raise refuse(where + f"non-GELU MLP activation {mlp.act!r}")
-            if not isinstance(mlp.norm, nn.Identity):
-                raise refuse(where + "MLP scale norm")
-            if mlp.fc1.out_features != mlp_hidden or mlp.fc1.bias is None or mlp.fc2.bias is None:
-                raise refuse(where + "MLP widths differing between blocks or missing MLP biases")
-        if len(eps) != 1:
-            raise refuse(f"LayerNorms with different eps {sorted(eps)}")
-
+        refuse = functools.partial(_refuse, type(model).__name__)
+        _check_tokens_and_pooling(model, refuse)
+        patch_size, img_size = _patch_geometry(model.patch_embed, refuse)
+        blocks = _read_blocks(model, refuse)
         distilled = getattr(model, "dist_token", None) is not None
-        num_classes = model.num_classes
-        heads = [model.head] + ([model.head_dist] if distilled else [])
-        for head in heads:
-            if num_classes > 0 and not isinstance(head, nn.Linear):
-                raise refuse(f"classifier head {type(head).__name__}")
-            if num_classes == 0 and not isinstance(head, nn.Identity):
-                raise refuse(f"classifier head {type(head).__name__} with num_classes=0")
-
+        _check_heads(model, distilled, refuse)
         return cls(
-            embed_dim=embed_dim,
-            depth=len(blocks),
-            num_heads=num_heads,
-            mlp_hidden=mlp_hidden,
-            patch_size=ph,
-            img_size=ih,
-            num_classes=num_classes,
-            in_chans=pe.proj.in_channels,
+            patch_size=patch_size,
+            img_size=img_size,
+            num_classes=model.num_classes,
+            in_chans=model.patch_embed.proj.in_channels,
             distilled=distilled,
-            layer_scale=layer_scale,
             no_embed_class=bool(model.no_embed_class),
-            qkv_bias=qkv_bias,
-            eps=eps.pop(),
+            **blocks,
         )
 
     @classmethod
@@ -232,6 +144,170 @@ class ArchSpec:
             qkv_bias=getattr(config, "qkv_bias", True),
             eps=config.layer_norm_eps,
         )
+
+
+HEADS = ("teacher", "cls")
+
+
+def with_head(spec: ArchSpec, head: str | None) -> ArchSpec:
+    """`spec` for the head asked (`--head`): `cls` keeps a distilled model's class-token head
+    only (`cls_head_only`); `teacher` (or None) both. A model without distillation head has only
+    the class-token head: `cls` is that (nothing changes) and `teacher` is an error.
+
+    Raises:
+        BadInputError: an unknown head, `teacher` for a model without distillation head, or a
+            head for a model without classifier.
+
+    Example:
+        >>> with_head(ArchSpec.from_timm(distilled_model), "cls").cls_head_only
+        True
+    """
+    if head is None:
+        return spec
+    if head not in HEADS:
+        raise BadInputError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+    if spec.num_classes == 0:
+        raise BadInputError(
+            f"--head {head}: the model has no classifier (num_classes=0); drop --head"
+        )
+    if not spec.distilled:
+        if head == "teacher":
+            raise BadInputError(
+                "--head teacher: the model is not distilled, it has no distillation head; its "
+                "one head is the class-token head (drop --head)"
+            )
+        logger.info("--head cls: the model is not distilled; its one head is the class-token head")
+        return spec
+    return dataclasses.replace(spec, cls_head_only=head == "cls")
+
+
+def _refuse(model_type: str, feature: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{model_type}: {feature} is not supported by transformers' ViT/DeiT; deit_port "
+        "converts class-token ViTs with pre-norm blocks only"
+    )
+
+
+def _check_tokens_and_pooling(model: VisionTransformer, refuse: Callable[[str], Exception]) -> None:
+    """What a transformers ViT/DeiT embeds and pools: one class token (and a distillation
+    token), learned position embeddings, the final LayerNorm, class-token pooling."""
+    if getattr(model, "cls_token", None) is None:
+        raise refuse("a model without class token")
+    if getattr(model, "reg_token", None) is not None:
+        raise refuse("register tokens")
+    if model.global_pool != "token":
+        raise refuse(f"global_pool={model.global_pool!r} (only class-token pooling)")
+    if getattr(model, "attn_pool", None) is not None:
+        raise refuse("attention pooling")
+    if not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity):
+        raise refuse("fc_norm")
+    if not isinstance(model.norm_pre, nn.Identity):
+        raise refuse("norm_pre (pre_norm=True)")
+    if not _is_layernorm(model.norm):
+        raise refuse("a missing or non-LayerNorm final norm")
+    if model.pos_embed is None:
+        raise refuse("a model without learned position embedding")
+    if getattr(model, "dynamic_img_size", False):
+        raise refuse("dynamic_img_size")
+    if getattr(model, "pool_include_prefix", False):
+        raise refuse("pool_include_prefix")
+
+
+def _patch_geometry(pe: nn.Module, refuse: Callable[[str], Exception]) -> tuple[int, int]:
+    """`(patch_size, img_size)` of a plain, square, non-overlapping patch embedding."""
+    from timm.layers import PatchEmbed
+
+    if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d):
+        raise refuse(f"patch embedding {type(pe).__name__}")
+    if not isinstance(pe.norm, nn.Identity):
+        raise refuse("a normalised patch embedding")
+    if pe.proj.bias is None:
+        raise refuse("a patch embedding without bias")
+    if getattr(pe, "dynamic_img_pad", False) or not getattr(pe, "flatten", True):
+        raise refuse("dynamic patch padding")
+    ph, pw = pe.patch_size
+    ih, iw = pe.img_size
+    if ph != pw or ih != iw:
+        raise refuse(f"non-square patches or images ({ph}x{pw}, {ih}x{iw})")
+    if tuple(pe.proj.stride) != (ph, pw):
+        raise refuse("overlapping patches")
+    return ph, ih
+
+
+def _read_blocks(model: VisionTransformer, refuse: Callable[[str], Exception]) -> dict:
+    """The `ArchSpec` fields the blocks fix (widths, depth, heads, biases, layer scale, eps),
+    every block checked to be the same pre-norm block transformers' ViT layer computes."""
+    from timm.layers import Mlp
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block
+
+    embed_dim = model.embed_dim
+    # timm types its submodules as `nn.Module`: what each holds is checked below, at run time
+    blocks: list[Any] = list(model.blocks)
+    norm: Any = model.norm
+    if not blocks:
+        raise refuse("a model without blocks")
+    eps = {float(norm.eps)}
+    layer_scale = isinstance(blocks[0].ls1, nn.Module) and hasattr(blocks[0].ls1, "gamma")
+    mlp_hidden = blocks[0].mlp.fc1.out_features
+    num_heads = blocks[0].attn.num_heads
+    qkv_bias = blocks[0].attn.qkv.bias is not None
+    for i, blk in enumerate(blocks):
+        where = f"block {i}: "
+        if type(blk) is not Block:
+            raise refuse(where + f"block type {type(blk).__name__}")
+        norms: list[Any] = [blk.norm1, blk.norm2]
+        if not all(_is_layernorm(n) for n in norms):
+            raise refuse(where + "a non-LayerNorm norm")
+        eps |= {float(n.eps) for n in norms}
+        attn = blk.attn
+        if type(attn) is not Attention or getattr(attn, "gate", None) is not None:
+            raise refuse(where + f"attention type {type(attn).__name__}")
+        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+            raise refuse(where + "qk-norm")
+        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            raise refuse(where + "attention scale norm")
+        if attn.num_heads != num_heads or attn.num_heads * attn.head_dim != embed_dim:
+            raise refuse(where + "attention head sizes other than embed_dim / num_heads")
+        if (attn.qkv.bias is not None) != qkv_bias or attn.proj.bias is None:
+            raise refuse(where + "mixed or missing attention biases")
+        for ls in (blk.ls1, blk.ls2):
+            if hasattr(ls, "gamma") != layer_scale or not (
+                isinstance(ls, nn.Identity) or hasattr(ls, "gamma")
+            ):
+                raise refuse(where + "mixed layer scale")
+        mlp = blk.mlp
+        if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
+            raise refuse(where + f"MLP type {type(mlp).__name__}")
+        if not _is_exact_gelu(mlp.act):
+            raise refuse(where + f"non-GELU MLP activation {mlp.act!r}")
+        if not isinstance(mlp.norm, nn.Identity):
+            raise refuse(where + "MLP scale norm")
+        if mlp.fc1.out_features != mlp_hidden or mlp.fc1.bias is None or mlp.fc2.bias is None:
+            raise refuse(where + "MLP widths differing between blocks or missing MLP biases")
+    if len(eps) != 1:
+        raise refuse(f"LayerNorms with different eps {sorted(eps)}")
+    return {
+        "embed_dim": embed_dim,
+        "depth": len(blocks),
+        "num_heads": num_heads,
+        "mlp_hidden": mlp_hidden,
+        "layer_scale": layer_scale,
+        "qkv_bias": qkv_bias,
+        "eps": eps.pop(),
+    }
+
+
+def _check_heads(
+    model: VisionTransformer, distilled: bool, refuse: Callable[[str], Exception]
+) -> None:
+    """Linear classifier heads (two for a distilled model), or none with `num_classes=0`."""
+    heads = [model.head] + ([model.head_dist] if distilled else [])
+    for head in heads:
+        if model.num_classes > 0 and not isinstance(head, nn.Linear):
+            raise refuse(f"classifier head {type(head).__name__}")
+        if model.num_classes == 0 and not isinstance(head, nn.Identity):
+            raise refuse(f"classifier head {type(head).__name__} with num_classes=0")
 
 
 def _is_exact_gelu(module: nn.Module) -> bool:

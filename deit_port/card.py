@@ -17,26 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .arch import ArchSpec
+from .hf_config import hf_class_name
 from .parity import ParityReport
+from .versions import library_versions
 
 __all__ = ["CARD_FILE", "render_model_card", "write_model_card"]
 
 CARD_FILE = "README.md"
-
-
-def _versions() -> dict[str, str]:
-    import timm
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "transformers": transformers.__version__,
-        "deit_port": __version__,
-    }
 
 
 def _tags(timm_name: str, spec: ArchSpec) -> list[str]:
@@ -113,11 +100,23 @@ def render_model_card(
         ...                   dtype="float32", report=report, inputs="4 tensors").startswith("---")
         True
     """
-    from .hf_config import hf_class_name
-
-    hf_class = hf_class_name(spec)
     pipeline_tag = "image-classification" if spec.num_classes else "image-feature-extraction"
+    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     lines = [
+        *_front_matter(timm_name, spec, pipeline_tag),
+        *_description(timm_name, spec, source, dtype, labels, notes),
+        *_usage(spec, pipeline_tag),
+        *_parity(report, exact_report, dtype, inputs),
+        "",
+        f"Versions: {versions}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _front_matter(timm_name: str, spec: ArchSpec, pipeline_tag: str) -> list[str]:
+    """The YAML the hub reads."""
+    return [
         "---",
         "# license: the license of the weights you publish; deit_port cannot know it",
         "# (timm's and facebookresearch/deit's DeiT weights are apache-2.0).",
@@ -128,9 +127,25 @@ def render_model_card(
         *(f"- {t}" for t in _tags(timm_name, spec)),
         "---",
         "",
+    ]
+
+
+def _description(
+    timm_name: str,
+    spec: ArchSpec,
+    source: str,
+    dtype: str,
+    labels: Sequence[str] | None,
+    notes: Sequence[str],
+) -> list[str]:
+    """What was converted, from which weights, into which class."""
+    lines = [
         f"# {timm_name}",
         "",
-        f"The timm model `{timm_name}`, converted to transformers' `{hf_class}` by deit_port.",
+        (
+            f"The timm model `{timm_name}`, converted to transformers' "
+            f"`{hf_class_name(spec)}` by deit_port."
+        ),
         "",
         f"- weights: {source}",
         f"- weights dtype: {dtype}",
@@ -144,7 +159,12 @@ def render_model_card(
     if labels:
         shown = ", ".join(f"`{name}`" for name in list(labels)[:5])
         lines.append(f"- labels: {shown}" + (", ..." if len(labels) > 5 else ""))
-    lines += [
+    return lines
+
+
+def _usage(spec: ArchSpec, pipeline_tag: str) -> list[str]:
+    """How to run it, and at which size."""
+    return [
         "",
         "## Usage",
         "",
@@ -164,36 +184,38 @@ def render_model_card(
             "you run at (`deit-port convert ... --img-size S`)."
         ),
         "",
-        "## Parity with timm",
-        "",
     ]
+
+
+def _parity(
+    report: ParityReport | None, exact_report: ParityReport | None, dtype: str, inputs: str
+) -> list[str]:
+    """The parity check of the written folder (and of the float32 conversion before a cast)."""
+    lines = ["## Parity with timm", ""]
     if report is None:
-        lines.append("Not checked: the conversion was run without verification.")
-    else:
-        note = "" if dtype == "float32" else f" ({dtype} weights, loaded as float32)"
+        return [*lines, "Not checked: the conversion was run without verification."]
+    note = "" if dtype == "float32" else f" ({dtype} weights, loaded as float32)"
+    lines += [
+        (
+            "The written folder, loaded with `from_pretrained`, against the timm model in "
+            f"float32, on {inputs}."
+        ),
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in _report_rows(report, note)),
+    ]
+    if exact_report is not None:
+        verdict = "PASS" if exact_report.passed else "FAIL"
         lines += [
-            (
-                "The written folder, loaded with `from_pretrained`, against the timm model in "
-                f"float32, on {inputs}."
-            ),
             "",
-            "| | |",
-            "|---|---|",
-            *(f"| {k} | {v} |" for k, v in _report_rows(report, note)),
+            (
+                f"Before the cast to {dtype}, the float32 conversion: max abs diff "
+                f"{exact_report.max_abs_diff:.3g}, mean abs diff "
+                f"{exact_report.mean_abs_diff:.3g} (tolerance {exact_report.atol:g}, {verdict})."
+            ),
         ]
-        if exact_report is not None:
-            verdict = "PASS" if exact_report.passed else "FAIL"
-            lines += [
-                "",
-                (
-                    f"Before the cast to {dtype}, the float32 conversion: max abs diff "
-                    f"{exact_report.max_abs_diff:.3g}, mean abs diff "
-                    f"{exact_report.mean_abs_diff:.3g} (tolerance {exact_report.atol:g}, {verdict})."
-                ),
-            ]
-    versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
-    lines += ["", f"Versions: {versions}.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_model_card(folder: str | os.PathLike, **kwargs) -> Path:

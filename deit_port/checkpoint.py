@@ -1,4 +1,4 @@
-"""The user's input files, read safely: checkpoints (and what wraps them) and label lists.
+"""Reading a user's checkpoint file safely into a timm-named state dict.
 
 A checkpoint's format is read off its first bytes, never its extension:
 
@@ -13,46 +13,37 @@ Then the weights are unwrapped (`model` as facebookresearch/deit saves them, `st
 the EMA entries `state_dict_ema`/`model_ema` chosen with `ema`), cleaned of `module.` and
 `_orig_mod.` prefixes (timm's `clean_state_dict`), and checked: tensors only, finite values.
 
-`load_timm_model` then builds the timm model the checkpoint's tensors fix (classes, resolution,
-channels, patch size: `deit_port.shapes`) and hands the state dict to timm's own checkpoint
-filter (`timm.models.vision_transformer.checkpoint_filter_fn`, as `timm.models.deit` binds it):
-original DeiT III `gamma_1`/`gamma_2` become `ls1.gamma`/`ls2.gamma`, and for another `img_size`
-the position embedding is resampled exactly as `timm.create_model(..., pretrained=True)` does.
-
-    >>> model, ckpt = load_timm_model("deit_tiny_patch16_224", "deit_tiny.pth", ema=False)
+    >>> ckpt = read_checkpoint("deit_tiny.pth", ema=False)
     >>> ckpt.describe()
     "entry 'model' of deit_tiny.pth (torch zip)"
 
-Every problem is a `CheckpointError`, one line that says what is wrong and what to do.
+Building a timm model from it is `deit_port.source`'s job. Every problem is a
+`CheckpointError`, one line that says what is wrong and what to do.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import pickle
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .errors import CheckpointError, LabelsError, first_line
+from .errors import CheckpointError, first_line
 
 __all__ = [
     "EMA_ENTRIES",
     "WEIGHT_ENTRIES",
     "Checkpoint",
     "detect_format",
-    "load_timm_model",
     "read_checkpoint",
-    "read_labels",
     "remap_state_dict",
 ]
 
@@ -195,88 +186,12 @@ def read_checkpoint(path: str | os.PathLike, ema: bool | None = None) -> Checkpo
     return ckpt
 
 
-def load_timm_model(
-    name: str, checkpoint: str | os.PathLike, *, ema: bool | None = None, **kwargs
-) -> tuple[nn.Module, Checkpoint]:
-    """Build the timm model `name` with a checkpoint's weights, without a throwaway random init.
-
-    What the checkpoint's tensors fix and `kwargs` do not give (classes, resolution, channels,
-    patch size) is read from them (`deit_port.shapes`, logged as `from the checkpoint: ...`);
-    a keyword that contradicts them is an error, except `img_size`, for which timm resamples the
-    position embedding. Tensors of another registered variant are refused, naming it. The model
-    is created on the meta device (no memory, no init), its architecture checked
-    (`ArchSpec.from_timm` refuses what transformers cannot express), the state dict passed
-    through timm's checkpoint filter (`checkpoint_filter_fn`: DeiT III's `gamma_N` renames, the
-    position-embedding resampling), its keys and shapes checked against the model, and the
-    tensors assigned with `load_state_dict(strict=True, assign=True)`. Floating-point weights
-    are computed in float32.
-
-    Args:
-        name: a timm model name (tags and legacy `vit_deit_*` names accepted), or `auto`: the
-            registered DeiT the checkpoint's tensors fit (`deit_port.shapes.pick_variant`).
-        checkpoint: the checkpoint file (see `read_checkpoint`).
-        ema: which weights (see `read_checkpoint`).
-        **kwargs: passed to `timm.create_model` (e.g. `num_classes`, `img_size`).
-
-    Returns:
-        The model in eval mode (its `pretrained_cfg["architecture"]` names the variant), and
-        the `Checkpoint` read, with `notes` on what was read from it or resampled.
-
-    Raises:
-        CheckpointError: a bad file; tensors of another variant (the fitting ones named); a
-            keyword contradicting the tensors (both values named); keys or shapes that are not
-            the model's (missing and unexpected keys listed sorted; the first mismatching
-            shape named with both shapes).
-        TypeError, ValueError: not a timm VisionTransformer, an unsupported feature, a name
-            timm does not know.
-
-    Example:
-        >>> model, ckpt = load_timm_model("deit3_small_patch16_224", "deit_3_small_224_1k.pth")
-    """
-
-    from .arch import ArchSpec
-    from .mapping import timm_shapes
-    from .shapes import AUTO, model_kwargs_from, pick_variant, read_shapes
-    from .source import build_on_meta, resolve_model_name
-
-    auto = name == AUTO
-    if not auto:
-        name = resolve_model_name(name)
-        base = ArchSpec.from_timm(build_on_meta(name, **kwargs))  # refused before reading the file
-    ckpt = read_checkpoint(checkpoint, ema=ema)
-    shapes = read_shapes(ckpt.state_dict)
-    if auto:
-        name = pick_variant(shapes)
-        logger.info("auto: the checkpoint's tensors fit %s", name)
-        base = ArchSpec.from_timm(build_on_meta(name, **kwargs))
-    kwargs, notes = model_kwargs_from(shapes, name, base, kwargs, ckpt.args)
-    model = build_on_meta(name, **kwargs)
-    spec = ArchSpec.from_timm(model)
-    state_dict = _timm_filter(ckpt.state_dict, model)
-    state_dict = _check_against(state_dict, timm_shapes(spec), name)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(f"{name}: {left[0]} was not set by the checkpoint")
-    return model.eval(), dataclasses.replace(ckpt, notes=notes)
-
-
-def _timm_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm's own checkpoint filter, as `timm.models.deit` binds it for pretrained weights
-    (`adapt_layer_scale=True`): `gamma_N` -> `lsN.gamma`, the position embedding resampled to
-    the model's grid (`resample_abs_pos_embed`, bicubic, antialiased)."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    return checkpoint_filter_fn(dict(state_dict), model, adapt_layer_scale=True)
-
-
 def remap_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor] | None:
     """`ckpt`'s weights again, through a fresh memory map of its file: for writing them.
 
-    Measured on the 2-core machine the benchmark runs on: safetensors writes the weights of a
-    333 MB checkpoint in 0.25 s from a map no code has read, in 0.9 s from the map that the
-    NaN/Inf check and the forward pass have read (the same file, the same bytes). A new map
-    costs nothing until written from.
+    Writing from a map that no code has read is several times faster than from pages that the
+    NaN/Inf check and the forward pass touched (docs/speed.md); a new map costs nothing until
+    written from.
 
     Args:
         ckpt: a checkpoint `read_checkpoint` read (and checked).
@@ -305,106 +220,6 @@ def remap_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor] | None:
     if entry != ckpt.entry or {k: (v.shape, v.dtype) for k, v in again.items()} != checked:
         raise CheckpointError(f"{path} changed while it was being converted; convert it again")
     return again
-
-
-def release_pages(tensors: Iterable[torch.Tensor]) -> None:
-    """Hand the pages of memory-mapped tensors back to the kernel (`madvise(MADV_DONTNEED)` on
-    the whole pages inside each tensor), so that what was read from them stops counting in this
-    process's memory.
-
-    Only for tensors of `remap_state_dict` that nothing wrote to and nothing still uses: their
-    pages are the file's own, read from the file again if touched. (On anonymous memory the
-    same call would zero them.) Where `madvise` is not available this does nothing: it changes
-    the memory held, never a value.
-    """
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    madvise = getattr(libc, "madvise", None)
-    dontneed = getattr(mmap, "MADV_DONTNEED", None)
-    if madvise is None or dontneed is None:
-        return
-    page = mmap.PAGESIZE
-    for t in tensors:
-        start = -(-t.data_ptr() // page) * page
-        stop = (t.data_ptr() + t.nbytes) // page * page
-        if stop > start:
-            madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), dontneed)
-
-
-def release_freed() -> None:
-    """Return the memory freed so far to the kernel (glibc's `malloc_trim(0)`).
-
-    Tensors of a few MB are allocated from malloc's heap, which keeps what they free: after
-    DeiT III huge's folded tensors (1 GB) were freed, 180 MB of them still counted in the
-    process while the written folder was loaded back. Does nothing without glibc.
-    """
-    import ctypes
-
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-def read_labels(path: str | os.PathLike) -> list[str]:
-    """Read class names: a JSON list, a JSON `{index: name}` (or `{name: index}`) object, or a
-    text file with one name a line.
-
-    Returns:
-        The names in class-index order (their count is checked against the model later).
-
-    Raises:
-        LabelsError (a CheckpointError): unreadable, empty, gaps in the indices, blank or duplicate names.
-
-    Example:
-        >>> read_labels("labels.txt")[:2]
-        ['cat', 'dog']
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LabelsError(f"cannot read labels file {path}: {first_line(e)}") from e
-    if text.lstrip().startswith(("[", "{")):
-        try:
-            labels = _labels_from_json(json.loads(text), path)
-        except json.JSONDecodeError as e:
-            raise LabelsError(f"labels file {path} is not valid JSON: {e}") from e
-    else:
-        labels = text.rstrip("\n\r\t ").splitlines()
-        for i, line in enumerate(labels, 1):
-            if not line.strip():
-                raise LabelsError(f"labels file {path}: line {i} is empty; one name a line")
-        labels = [line.strip() for line in labels]
-    if not labels or labels == [""]:
-        raise LabelsError(f"labels file {path} holds no labels")
-    seen = set()
-    for label in labels:
-        if label in seen:
-            raise LabelsError(f"labels file {path}: {label!r} occurs twice; names must be unique")
-        seen.add(label)
-    return labels
-
-
-def _labels_from_json(obj, path: Path) -> list[str]:
-    if isinstance(obj, list):
-        if not all(isinstance(x, str) and x.strip() for x in obj):
-            raise LabelsError(f"labels file {path}: every label must be a non-empty string")
-        return list(obj)
-    if isinstance(obj, dict):
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in obj.values()):
-            pairs = {v: k for k, v in obj.items()}  # {name: index}
-        elif all(re.fullmatch(r"\d+", str(k)) for k in obj):
-            pairs = {int(k): v for k, v in obj.items()}  # {index: name}
-        else:
-            raise LabelsError(
-                f"labels file {path}: a JSON object must map indices to names or names to indices"
-            )
-        if sorted(pairs) != list(range(len(pairs))):
-            raise LabelsError(f"labels file {path}: the indices must be 0..{len(pairs) - 1}")
-        return _labels_from_json([pairs[i] for i in range(len(pairs))], path)
-    raise LabelsError(f"labels file {path}: expected a JSON list or object of labels")
 
 
 def _failure(e: BaseException) -> str:
@@ -616,29 +431,3 @@ def _all_finite(value: torch.Tensor) -> bool:
         return False
     acc = torch.float64 if value.dtype == torch.float64 else torch.float32
     return bool(torch.isfinite(value.sum(dtype=acc)))
-
-
-def _check_against(
-    state_dict: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], name: str
-) -> dict[str, torch.Tensor]:
-    """Keys and shapes as `shapes` (timm's key order) says, or a one-line error; float32 values."""
-    from .mapping import check_state_dict
-
-    # classes and resolution were read from the tensors: a wrong shape is another variant
-    check_state_dict(state_dict, shapes, f"the checkpoint for {name}")
-    for key, value in state_dict.items():
-        if not value.is_floating_point():
-            raise CheckpointError(
-                f"the checkpoint's {key!r} holds {str(value.dtype).removeprefix('torch.')} "
-                f"values, {name} has floating-point weights: is the file damaged? get or save "
-                "it again"
-            )
-    out = {}
-    for key, value in state_dict.items():
-        if value.dtype != torch.float32:
-            value = value.float()
-        out[key] = value
-    dtypes = sorted({str(v.dtype) for v in state_dict.values() if v.is_floating_point()})
-    if dtypes != ["torch.float32"]:
-        logger.info("checkpoint holds %s weights; computing in float32", ", ".join(dtypes))
-    return out

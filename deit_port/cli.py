@@ -25,12 +25,8 @@ def _error(message: str) -> None:
     print(f"deit-port: error: {message}", file=sys.stderr)
 
 
-# The long steps of `convert` (`convert_deit_checkpoint`'s `progress`), as the bar counts them.
-STEPS = ("loading", "timm outputs", "converting", "writing", "verifying", "model card")
-
-
 @contextlib.contextmanager
-def _progress(quiet: bool, steps: Sequence[str] = STEPS) -> Iterator[Callable[[str], None] | None]:
+def _progress(quiet: bool, steps: Sequence[str] = ()) -> Iterator[Callable[[str], None] | None]:
     """A tqdm bar over the long `steps` when stderr is a terminal and not `-q`; else nothing.
 
     Without the bar, transformers' and huggingface_hub's own progress bars are off too, and
@@ -66,13 +62,13 @@ def _progress(quiet: bool, steps: Sequence[str] = STEPS) -> Iterator[Callable[[s
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import read_labels
-    from .convert import convert_deit_checkpoint
     from .images import load_images
+    from .labels import read_labels
+    from .pipeline import STEPS, convert_deit_checkpoint
 
     images = load_images(args.image) if args.image else None
     labels = read_labels(args.labels) if args.labels is not None else None
-    with _progress(args.quiet) as progress:
+    with _progress(args.quiet, STEPS) as progress:
         report = convert_deit_checkpoint(
             args.model,
             args.output_dir,
@@ -103,9 +99,9 @@ def _print_table(report) -> None:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     """Check a folder against timm and print the report: exit 0 match, 1 mismatch."""
-    from .convert import verify_hf_folder
+    from .pipeline import verify_hf_folder
 
-    with _progress(args.quiet) as progress:
+    with _progress(args.quiet, ("loading", "verifying")) as progress:
         report = verify_hf_folder(
             args.hf_dir, args.model, progress=progress, layers=args.layers, **_source_kwargs(args)
         )
@@ -121,23 +117,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     """Export a folder to ONNX, checked with onnxruntime: exit 0 ok, 1 parity, 2 bad input."""
-    from .errors import BadInputError
     from .onnx_export import export_onnx
 
-    kwargs = _source_kwargs(args)
-    if args.model is None and (
-        args.checkpoint is not None
-        or args.ema is not None
-        or kwargs["model_kwargs"]
-        or args.init != "pretrained"
-    ):
-        raise BadInputError(
-            "--checkpoint, --init, --ema, --num-classes and --img-size choose the timm model's "
-            "weights: give MODEL (the timm name) after OUT.onnx"
-        )
     with _progress(args.quiet):
         report = export_onnx(
-            args.hf_dir, args.output_file, args.model, overwrite=args.overwrite, **kwargs
+            args.hf_dir,
+            args.output_file,
+            args.model,
+            overwrite=args.overwrite,
+            **_source_kwargs(args),
         )
     print(f"wrote {report.output}")
     _print_table(report)
@@ -146,7 +134,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def _source_kwargs(args: argparse.Namespace) -> dict:
-    """The timm-model keywords shared by `convert` and `verify`."""
+    """The timm-model keywords (`source.timm_source`) of `convert`, `verify`, `export-onnx`."""
     model_kwargs = {}
     if args.num_classes is not None:
         model_kwargs["num_classes"] = args.num_classes
@@ -163,10 +151,9 @@ def _source_kwargs(args: argparse.Namespace) -> dict:
 
 def _cmd_to_timm(args: argparse.Namespace) -> int:
     """Write a transformers folder as a timm checkpoint: exit 0 ok, 1 parity, 2 bad input."""
-    from .reverse import STEPS as TO_TIMM_STEPS
-    from .reverse import convert_hf_folder
+    from .reverse import STEPS, convert_hf_folder
 
-    with _progress(args.quiet, TO_TIMM_STEPS) as progress:
+    with _progress(args.quiet, STEPS) as progress:
         result = convert_hf_folder(
             args.hf_dir, args.output_file, args.model, overwrite=args.overwrite, progress=progress
         )
@@ -178,6 +165,8 @@ def _cmd_to_timm(args: argparse.Namespace) -> int:
 
 def add_source_options(p: argparse.ArgumentParser) -> None:
     """Where the timm model's weights come from: `--checkpoint`, `--init`, `--ema`, ..."""
+    from .source import INITS
+
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--checkpoint",
@@ -187,8 +176,8 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     )
     source.add_argument(
         "--init",
-        choices=["pretrained", "random"],
-        default="pretrained",
+        choices=INITS,
+        default=INITS[0],
         help="pretrained: timm's weights (default); random: seeded random weights, offline",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --init random")
@@ -221,7 +210,10 @@ def add_layers_option(p) -> None:
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
-    """What is written: `--labels`, `--dtype`, `--max-shard-size`."""
+    """What is written: `--labels`, `--dtype`, `--head`, `--max-shard-size`."""
+    from .arch import HEADS
+    from .io import DTYPES
+
     p.add_argument(
         "--labels",
         metavar="FILE",
@@ -230,13 +222,13 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=["float32", "float16", "bfloat16"],
+        choices=list(DTYPES),
         default="float32",
         help="dtype of the written weights (default float32)",
     )
     p.add_argument(
         "--head",
-        choices=["teacher", "cls"],
+        choices=HEADS,
         help="distilled models: teacher (default) keeps both heads, averaged "
         "(DeiTForImageClassificationWithTeacher, inference only); cls keeps the class-token "
         "head (DeiTForImageClassification, trainable with labels)",
@@ -249,7 +241,7 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .source import supported_models
+    from .registry import supported_models
 
     print("\n".join(supported_models()))
     return EXIT_OK
@@ -288,7 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="only errors on stderr (no progress, no log)",
     )
+    _add_convert(sub, common)
+    _add_verify(sub, common)
+    _add_to_timm(sub, common)
+    _add_export_onnx(sub, common)
+    p = sub.add_parser("doctor", help="print library versions and where weights are looked up")
+    p.set_defaults(func=_cmd_doctor)
+    p = sub.add_parser("list", help="list the supported timm model names")
+    p.set_defaults(func=_cmd_list)
+    return parser
 
+
+def _add_convert(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "convert", parents=[common], help="convert a timm model into a transformers folder"
     )
@@ -312,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_verify(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "verify",
         parents=[common],
@@ -323,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_layers_option(p)
     p.set_defaults(func=_cmd_verify)
 
+
+def _add_to_timm(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "to-timm",
         parents=[common],
@@ -338,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_to_timm)
 
+
+def _add_export_onnx(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "export-onnx",
         parents=[common],
@@ -354,13 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_export_onnx)
-
-    p = sub.add_parser("doctor", help="print library versions and where weights are looked up")
-    p.set_defaults(func=_cmd_doctor)
-
-    p = sub.add_parser("list", help="list the supported timm model names")
-    p.set_defaults(func=_cmd_list)
-    return parser
 
 
 def seed_parser() -> argparse.ArgumentParser:

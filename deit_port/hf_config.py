@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .arch import ArchSpec
 from .errors import BadInputError
+from .labels import imagenet_labels
 
-__all__ = ["build_config", "hf_class_name", "hf_model_class", "imagenet_labels"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = ["build_config", "hf_class_name", "hf_model_class"]
 
 
 def hf_class_name(spec: ArchSpec) -> str:
@@ -28,30 +33,12 @@ def hf_class_name(spec: ArchSpec) -> str:
     )
 
 
-def hf_model_class(spec: ArchSpec) -> type:
+def hf_model_class(spec: ArchSpec) -> type[PreTrainedModel]:
     """The transformers class `hf_class_name(spec)` (importing it imports the modeling code,
     which writing a folder does not need)."""
     import transformers
 
     return getattr(transformers, hf_class_name(spec))
-
-
-def imagenet_labels() -> list[str]:
-    """ImageNet-1k class names in index order, from timm's bundled `ImageNetInfo`.
-
-    A few descriptions occur twice (`crane`, `maillot`); those get their WordNet id appended
-    (`crane (n02012849)`) so that `label2id` stays one to one.
-    """
-    from collections import Counter
-
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    names = [info.index_to_description(i) for i in range(info.num_classes())]
-    twice = {n for n, c in Counter(names).items() if c > 1}
-    return [
-        f"{n} ({info.index_to_label_name(i)})" if n in twice else n for i, n in enumerate(names)
-    ]
 
 
 def build_config(spec: ArchSpec, labels: Sequence[str] | None = None):
@@ -83,7 +70,7 @@ def build_config(spec: ArchSpec, labels: Sequence[str] | None = None):
     if len(set(labels)) != len(labels):
         raise BadInputError("class labels must be unique")
     config_class = tf.DeiTConfig if spec.distilled else tf.ViTConfig
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if spec.num_classes:
         kwargs = {
             "id2label": dict(enumerate(labels)),

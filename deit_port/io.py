@@ -1,4 +1,5 @@
-"""Writing and reading transformers folders: atomic output, safetensors shards, strict loading."""
+"""Writing and reading transformers folders and output files: atomic publishing, output-path
+checks, safetensors shards, the folder's config and dtype, strict loading."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import json
 import logging
 import os
 import re
@@ -13,25 +15,40 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .arch import ArchSpec
 from .errors import BadInputError, KeyMismatchError, OutputError, first_line
 from .hf_config import hf_model_class
+from .versions import transformers_major
 
 __all__ = [
+    "CONFIG_FILE",
+    "DTYPES",
     "atomic_file",
     "atomic_folder",
     "check_output_dir",
     "check_output_file",
+    "dtype_key",
+    "float32_kwargs",
+    "folder_dtype",
     "load_hf_folder",
     "load_hf_state_dict",
     "publish_permissions",
+    "read_folder_config",
+    "read_hf_folder",
+    "resolve_dtype",
     "save_hf_folder",
 ]
 
 logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+# The dtypes a folder's weights can be written in (`--dtype`).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
 def check_output_dir(
@@ -106,16 +123,29 @@ def atomic_folder(
         yield tmp
 
 
-def check_output_file(output: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_output_file(
+    output: str | os.PathLike, overwrite: bool = False, suffix: str | None = None, why: str = ""
+) -> Path:
     """Check that the file `output` can be (re)written, before any work is done.
+
+    Args:
+        output: the file to write.
+        overwrite: an existing file may be replaced.
+        suffix: the extension the file must have (e.g. `.onnx`), if any.
+        why: why that extension, said in the error.
 
     Returns:
         The absolute output path.
 
     Raises:
-        OutputError: `output` is a folder, or an existing file without `overwrite`.
+        OutputError: not named `*suffix`, a folder, or an existing file without `overwrite`.
     """
     out = Path(output).absolute()
+    if suffix is not None and out.suffix != suffix:
+        reason = f" ({why})" if why else ""
+        raise OutputError(
+            f"output {out.name} must end in {suffix}{reason}; give a file name like model{suffix}"
+        )
     if out.is_dir():
         raise OutputError(f"output {out} is a folder; give a file path")
     if os.path.lexists(out) and not overwrite:
@@ -307,6 +337,56 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def resolve_dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
+    """`(name, torch dtype)` of a written dtype given by name (`float16`) or as a torch dtype.
+
+    Raises:
+        BadInputError: not one of `DTYPES`.
+    """
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return name, DTYPES[name]
+
+
+def dtype_key() -> str:
+    """The config and `from_pretrained` key of the dtype: transformers 5 calls it `dtype`,
+    4.x `torch_dtype`."""
+    return "dtype" if transformers_major() >= 5 else "torch_dtype"
+
+
+def float32_kwargs() -> dict:
+    """`from_pretrained` keywords that load in float32 (transformers 5 loads the saved dtype)."""
+    return {dtype_key(): torch.float32}
+
+
+def read_folder_config(folder: str | os.PathLike) -> dict:
+    """The `config.json` of a transformers model folder, as a dict.
+
+    Raises:
+        BadInputError: `folder` is not a folder, has no `config.json`, or it is not a JSON
+            object.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInputError(f"{folder} is not a folder: give a transformers model folder")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise BadInputError(f"{folder} is not a transformers model folder (no {CONFIG_FILE})")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{path} cannot be read: {first_line(e)}") from e
+    if not isinstance(config, dict):
+        raise BadInputError(f"{path} is not a JSON object: not a transformers config")
+    return config
+
+
+def folder_dtype(config: dict) -> str:
+    """The dtype a folder's config records for its weights (`float32` when it records none)."""
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
 def save_hf_folder(
     folder: str | os.PathLike,
     state_dict: dict[str, torch.Tensor],
@@ -320,8 +400,6 @@ def save_hf_folder(
     takes the split query/key/value as they are: views into the fused tensor, written without
     a copy (huggingface_hub's `save_torch_state_dict` refuses views of part of a storage).
     """
-    import json
-
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
@@ -336,6 +414,69 @@ def save_hf_folder(
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config.save_pretrained(folder)
+
+
+def read_hf_folder(folder: str | os.PathLike) -> tuple[object, dict[str, torch.Tensor], ArchSpec]:
+    """Read a transformers ViT/DeiT folder: its config, its hub-format weights, its spec.
+
+    Args:
+        folder: holds `config.json` and `model.safetensors` (or shards with
+            `model.safetensors.index.json`), as `save_pretrained` writes them.
+
+    Returns:
+        `(config, state_dict, spec)`; a folder without the `vit.`/`deit.` prefix (a
+        `ViTModel`/`DeiTModel`) is a base model, `spec.num_classes == 0`.
+
+    Raises:
+        BadInputError: not a folder, no safetensors weights, not a ViT/DeiT, or a setting timm's
+            DeiT does not have (non-GELU activation, non-square images).
+
+    Example:
+        >>> config, state_dict, spec = read_hf_folder("deit-tiny-hf")
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    read_folder_config(folder)  # a folder, with a readable config.json
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # unreadable or invalid config.json
+        raise BadInputError(f"{folder}/config.json cannot be read: {first_line(e)}") from e
+    if config.model_type not in ("vit", "deit"):
+        raise BadInputError(
+            f"{folder} holds a {config.model_type!r} model; only ViT and DeiT convert to timm DeiT"
+        )
+    if config.hidden_act != "gelu":
+        raise BadInputError(f"hidden_act {config.hidden_act!r} is not timm DeiT's exact GELU")
+
+    if (folder / _INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BadInputError(f"{folder / _INDEX} is not a valid index: {first_line(e)}") from e
+    elif (folder / _SINGLE).is_file():
+        files = [_SINGLE]
+    else:
+        raise BadInputError(
+            f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read"
+        )
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            state_dict.update(load_file(folder / name))
+        except (OSError, SafetensorError) as e:
+            raise BadInputError(
+                f"{folder / name} cannot be read: {first_line(e)}; get or write the folder again"
+            ) from e
+
+    prefix = "deit." if config.model_type == "deit" else "vit."
+    base_model = not any(k.startswith(prefix) for k in state_dict)
+    spec = ArchSpec.from_hf_config(config, base_model=base_model)
+    logger.info("read %s: %d tensors, %s", folder, len(state_dict), spec)
+    return config, state_dict, spec
 
 
 def load_hf_folder(folder: str | os.PathLike, spec: ArchSpec, **kwargs) -> torch.nn.Module:
@@ -363,9 +504,11 @@ def _from_pretrained(spec: ArchSpec, folder, **kwargs) -> torch.nn.Module:
     if spec.num_classes == 0:
         kwargs.setdefault("add_pooling_layer", False)  # timm has no pooler
     try:
-        model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+        # with `output_loading_info`, `(model, info)`: not what the return type says
+        loaded: Any = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:  # no weights file, a corrupt one, ...
         raise BadInputError(f"{folder} cannot be loaded as {cls.__name__}: {first_line(e)}") from e
+    model, info = loaded
     missing = list(info.get("missing_keys", []))
     unexpected = list(info.get("unexpected_keys", []))
     mismatched = [str(k) for k in info.get("mismatched_keys", [])]

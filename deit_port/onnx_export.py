@@ -28,12 +28,13 @@ from torch import nn
 
 from . import io
 from .arch import ArchSpec
-from .errors import BadInputError, MissingExtraError, OutputError, ParityError
+from .errors import BadInputError, MissingExtraError, ParityError
 from .parity import ParityReport, compare_tensors, parity_inputs, reference_outputs
+from .source import timm_source
+from .tolerances import DTYPE_ATOL, ONNX_ATOL
 
 __all__ = [
     "BATCH_SIZES",
-    "ONNX_ATOL",
     "OnnxCheck",
     "OnnxReport",
     "export_onnx",
@@ -42,7 +43,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ONNX_ATOL = 1e-4  # onnxruntime vs torch: measured 3e-6 on the fast variants (docs/parity.md)
 BATCH_SIZES = (1, 5)
 EXTRA = "pip install 'deit-port[onnx]'"
 _MODULES = ("onnx", "onnxscript", "onnx_ir", "onnxruntime")
@@ -132,30 +132,11 @@ class _Output(nn.Module):
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def check_output_file(output: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that the ONNX file can be written, before any work is done.
-
-    Raises:
-        OutputError: not an `.onnx` name, or as `deit_port.io.check_output_file` (a folder,
-            an existing file without `overwrite`).
-    """
-    out = Path(output).absolute()
-    if out.suffix != ".onnx":
-        raise OutputError(f"output {out.name} must end in .onnx; give a file name like model.onnx")
-    return io.check_output_file(out, overwrite)
-
-
-def _load(hf_dir: Path, spec: ArchSpec | None) -> tuple[nn.Module, ArchSpec]:
-    """The folder's transformers model in float32; its spec from the config when not given."""
-    from .convert import _float32
-
-    if not (hf_dir / "config.json").is_file():
-        raise OutputError(f"{hf_dir} is not a transformers model folder (no config.json)")
+def _load(folder: Path, spec: ArchSpec | None) -> tuple[nn.Module, ArchSpec]:
+    """The folder's transformers model in float32; its spec from the folder when not given."""
     if spec is None:
-        from .reverse import read_hf_folder
-
-        _, _, spec = read_hf_folder(hf_dir)
-    return io.load_hf_folder(hf_dir, spec, **_float32()), spec
+        _, _, spec = io.read_hf_folder(folder)
+    return io.load_hf_folder(folder, spec, **io.float32_kwargs()), spec
 
 
 @torch.inference_mode()
@@ -210,35 +191,16 @@ def export_onnx(
         True
     """
     require_onnx()
-    import onnx
-    import onnxruntime
-
-    from .convert import DTYPE_ATOL, _folder_dtype, _timm_source
-
-    out = check_output_file(output, overwrite)
+    out = io.check_output_file(output, overwrite, suffix=".onnx")
     folder = Path(hf_dir)
-    timm_model = None
-    if deit_name is not None:
-        timm_model = _timm_source(deit_name, init, seed, model_kwargs, checkpoint, ema).model
-        spec = ArchSpec.from_timm(timm_model)
-    else:
-        if checkpoint is not None or ema is not None or model_kwargs:
-            raise BadInputError(
-                "--checkpoint, --ema and the model options choose the timm model's weights: "
-                "give MODEL (the timm name) too"
-            )
-        spec = None
-    hf_model, spec = _load(folder, spec)
+    dtype = io.folder_dtype(io.read_folder_config(folder))
+    timm_model = _timm_model(deit_name, init, seed, model_kwargs, checkpoint, ema)
+    hf_model, spec = _load(folder, None if timm_model is None else ArchSpec.from_timm(timm_model))
     model = _Output(hf_model).eval()
-    if timm_model is not None:
-        x = parity_inputs(timm_model, n=max(BATCH_SIZES), seed=seed)
-    else:  # no timm transform to preprocess an image with: N(0, 1), the scale of a normalised one
-        shape = (max(BATCH_SIZES), spec.in_chans, spec.img_size, spec.img_size)
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    # a float16/bfloat16 folder (computed in float32) differs from timm by its rounding
-    dtype = _folder_dtype(folder)
-    timm_atol = atol if dtype == "float32" else max(atol, DTYPE_ATOL.get(dtype, atol))
+    x = _inputs(timm_model, spec, seed)
     output_name = "logits" if spec.num_classes else "last_hidden_state"
+    # a float16/bfloat16 folder (computed in float32) differs from timm by its rounding
+    timm_atol = atol if dtype == "float32" else max(atol, DTYPE_ATOL.get(dtype, atol))
 
     checks: list[OnnxCheck] = []
     if timm_model is not None:  # the folder itself first: no export for a folder that differs
@@ -252,38 +214,9 @@ def export_onnx(
 
     with io.atomic_file(out, overwrite) as tmp:
         logger.info("exporting %s to ONNX", folder)
-        start = time.perf_counter()
-        program = torch.onnx.export(
-            model,
-            (x[:2],),  # batch 2: torch.export would specialise a batch of 1 to a constant
-            dynamo=True,
-            input_names=["pixel_values"],
-            output_names=[output_name],
-            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
-            verbose=False,
-        )
-        program.save(tmp)  # weights over 1.5 GB go beside it, into NAME.onnx.data
-        seconds = time.perf_counter() - start
-        opset = next(
-            (
-                o.version
-                for o in onnx.load(tmp, load_external_data=False).opset_import
-                if o.domain in ("", "ai.onnx")
-            ),
-            None,
-        )
+        seconds, opset = _export(model, x, tmp, output_name)
         logger.info("exported in %.1f s (opset %s); checking with onnxruntime", seconds, opset)
-        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        for batch in BATCH_SIZES:
-            xb = x[:batch]
-            actual = _run_onnx(session, xb)
-            ref = _torch_output(model, xb)
-            report = compare_tensors(ref, actual, atol)
-            checks.append(OnnxCheck("onnxruntime vs transformers", batch, report))
-            if timm_model is not None:
-                report = compare_tensors(reference_outputs(timm_model, xb), actual, timm_atol)
-                checks.append(OnnxCheck("onnxruntime vs timm", batch, report))
-        del session
+        checks += _check_onnx(tmp, model, timm_model, x, atol, timm_atol)
         result = _report(out, output_name, checks, seconds, opset)
         logger.info(result.summary())
         if not result.passed:
@@ -293,6 +226,84 @@ def export_onnx(
             with io.atomic_file(out.with_name(data.name), overwrite) as data_tmp:
                 os.rename(data, data_tmp)
     return result
+
+
+def _timm_model(deit_name, init, seed, model_kwargs, checkpoint, ema) -> nn.Module | None:
+    """The timm model to compare with, or None without `deit_name` (then nothing may choose
+    its weights)."""
+    if deit_name is not None:
+        return timm_source(
+            deit_name,
+            init=init,
+            seed=seed,
+            model_kwargs=model_kwargs,
+            checkpoint=checkpoint,
+            ema=ema,
+        ).model
+    if checkpoint is not None or ema is not None or model_kwargs or init != "pretrained":
+        raise BadInputError(
+            "--checkpoint, --init, --ema, --num-classes and --img-size choose the timm model's "
+            "weights: give MODEL (the timm name) too"
+        )
+    return None
+
+
+def _inputs(timm_model: nn.Module | None, spec: ArchSpec, seed: int) -> torch.Tensor:
+    """The largest batch: timm's parity inputs, or N(0, 1) (the scale of a normalised image)
+    when there is no timm transform to preprocess an image with."""
+    if timm_model is not None:
+        return parity_inputs(timm_model, n=max(BATCH_SIZES), seed=seed)
+    shape = (max(BATCH_SIZES), spec.in_chans, spec.img_size, spec.img_size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _export(
+    model: nn.Module, x: torch.Tensor, path: Path, output_name: str
+) -> tuple[float, int | None]:
+    """Export `model` to `path` with a dynamic batch axis; `(seconds, opset)`. Weights over
+    1.5 GB go beside it, into NAME.onnx.data."""
+    import onnx
+
+    start = time.perf_counter()
+    program = torch.onnx.export(
+        model,
+        (x[:2],),  # batch 2: torch.export would specialise a batch of 1 to a constant
+        dynamo=True,
+        input_names=["pixel_values"],
+        output_names=[output_name],
+        dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
+        verbose=False,
+    )
+    assert program is not None  # dynamo=True always returns the program
+    program.save(path)
+    seconds = time.perf_counter() - start
+    opsets = onnx.load(path, load_external_data=False).opset_import
+    opset = next((o.version for o in opsets if o.domain in ("", "ai.onnx")), None)
+    return seconds, opset
+
+
+def _check_onnx(
+    path: Path,
+    model: nn.Module,
+    timm_model: nn.Module | None,
+    x: torch.Tensor,
+    atol: float,
+    timm_atol: float,
+) -> list[OnnxCheck]:
+    """onnxruntime on each of `BATCH_SIZES` against the transformers model (and timm)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    checks = []
+    for batch in BATCH_SIZES:
+        xb = x[:batch]
+        actual = _run_onnx(session, xb)
+        report = compare_tensors(_torch_output(model, xb), actual, atol)
+        checks.append(OnnxCheck("onnxruntime vs transformers", batch, report))
+        if timm_model is not None:
+            report = compare_tensors(reference_outputs(timm_model, xb), actual, timm_atol)
+            checks.append(OnnxCheck("onnxruntime vs timm", batch, report))
+    return checks
 
 
 def _report(out, output_name, checks, seconds, opset) -> OnnxReport:

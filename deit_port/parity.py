@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from .errors import ParityError
+from .tolerances import DEFAULT_ATOL
 
 __all__ = [
     "ParityError",
@@ -25,8 +27,6 @@ __all__ = [
     "reference_stages",
     "synthetic_image",
 ]
-
-DEFAULT_ATOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,8 @@ def data_config(timm_model: nn.Module) -> dict:
     return config
 
 
-def _timm_output(model: nn.Module, x: torch.Tensor, cls_head_only: bool = False) -> torch.Tensor:
+def _timm_output(model: Any, x: torch.Tensor, cls_head_only: bool = False) -> torch.Tensor:
+    """timm's output that the converted model computes (`model`: a timm VisionTransformer)."""
     if model.num_classes == 0:
         return model.forward_features(x)  # every token after the final norm
     if cls_head_only:  # a distilled model's class-token head alone (`--head cls`)
@@ -215,7 +216,7 @@ class _Recorder:
 
 @torch.inference_mode()
 def reference_stages(
-    timm_model: nn.Module, inputs: torch.Tensor, cls_head_only: bool = False
+    timm_model: Any, inputs: torch.Tensor, cls_head_only: bool = False
 ) -> dict[str, torch.Tensor]:
     """The timm model's activations after every stage, in float32 on the CPU, in order.
 
@@ -246,7 +247,7 @@ def reference_stages(
     return stages
 
 
-def _hf_stages(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def _hf_stages(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The transformers model's activations under the names `reference_stages` uses:
     `output_hidden_states=True` gives the embeddings and each layer's output; hooks give the
     final layernorm and what the classifiers read."""

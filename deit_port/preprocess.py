@@ -10,7 +10,7 @@ fixed height x width.)
     >>> save_preprocessor(folder, timm.create_model("deit_tiny_patch16_224"))
     >>> AutoImageProcessor.from_pretrained(folder, backend="pil")  # timm's pixels, exactly
 
-What matches (measured, see README "Preprocessing"):
+What matches (measured: docs/measurements.md, "Preprocessing"):
 - the PIL backend (`backend="pil"`, 4.x's default) gives timm's tensors bit for bit, except on
   images whose resized edge minus the crop is 3 mod 4: there transformers floors the half-pixel
   crop offset and torchvision's `CenterCrop` (used by timm) rounds it half to even, one pixel
@@ -34,11 +34,10 @@ from torch import nn
 
 from .errors import BadInputError, PreprocessingError
 from .parity import data_config
+from .tolerances import PIXEL_ATOL
 from .versions import transformers_major
 
 __all__ = [
-    "PIL_ATOL",
-    "TORCHVISION_ATOL",
     "PreprocessReport",
     "PreprocessingError",
     "build_image_processor",
@@ -53,13 +52,6 @@ logger = logging.getLogger(__name__)
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
-# Max |diff| of the normalized pixels, processor vs timm's transform, that still counts as the
-# same preprocessing. PIL backend: measured exactly 0 (the slack only absorbs float ordering on
-# other platforms; one uint8 level is >= 0.0039 / std). Torchvision backend: measured up to
-# 12 uint8 levels on single values at sharp edges (0.21 at std 0.224) over 450 random sizes.
-PIL_ATOL = 1e-6
-TORCHVISION_ATOL = 0.25
-_ATOL = {"pil": PIL_ATOL, "torchvision": TORCHVISION_ATOL}
 
 _DEFAULT_CROP_PCT = 0.875  # timm.data.transforms_factory: `crop_pct or DEFAULT_CROP_PCT`
 # The processor fields that decide the pixels (compared field by field by compare_preprocessing).
@@ -117,7 +109,7 @@ def processor_kwargs(config: dict) -> dict:
         raise BadInputError(f"timm crop_mode {crop_mode!r} has no image processor equivalent")
     interpolation = config.get("interpolation", "bilinear")
     try:
-        resample = PILImageResampling[interpolation.upper()]
+        resample = PILImageResampling.__members__[interpolation.upper()]
     except KeyError:
         raise BadInputError(f"timm interpolation {interpolation!r} has no PIL equivalent") from None
     return {
@@ -249,8 +241,8 @@ def compare_preprocessing(
         images: PIL images, any mode and size.
         backend: the transformers backend to load: `pil` (exact) or `torchvision` (what
             `AutoImageProcessor` and `pipeline` pick in transformers 5.x).
-        atol: largest |diff| of normalized pixels that matches (default `PIL_ATOL` or
-            `TORCHVISION_ATOL`).
+        atol: largest |diff| of normalized pixels that matches (default `tolerances.PIL_ATOL` or
+            `tolerances.TORCHVISION_ATOL`).
 
     Returns:
         A `PreprocessReport`; nothing is raised on a mismatch, callers decide.
@@ -261,9 +253,9 @@ def compare_preprocessing(
     """
     from timm.data import create_transform
 
-    if backend not in _ATOL:
-        raise BadInputError(f"backend must be one of {sorted(_ATOL)}, not {backend!r}")
-    atol = _ATOL[backend] if atol is None else atol
+    if backend not in PIXEL_ATOL:
+        raise BadInputError(f"backend must be one of {sorted(PIXEL_ATOL)}, not {backend!r}")
+    atol = PIXEL_ATOL[backend] if atol is None else atol
     config = data_config(timm_model)
     transform = create_transform(**config)
     processor = load_image_processor(folder, backend)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -30,26 +29,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import mapping
 from .arch import ArchSpec
-from .errors import BadInputError, KeyMismatchError, OutputError, ParityError, first_line
-from .io import atomic_file, load_hf_folder
-from .io import check_output_file as _check_file
-from .mapping import hf_to_timm
-from .parity import DEFAULT_ATOL, ParityReport, check_parity, parity_inputs
+from .errors import BadInputError, KeyMismatchError, ParityError
+from .io import atomic_file, check_output_file, load_hf_folder, read_hf_folder
+from .parity import ParityReport, check_parity, parity_inputs
+from .progress import no_progress
+from .registry import build_on_meta, resolve_model_name, supported_models
+from .tolerances import DEFAULT_ATOL
 
 __all__ = [
     "STEPS",
     "ReverseResult",
     "TimmTarget",
-    "check_output_file",
     "convert_hf_folder",
-    "read_hf_folder",
     "timm_target",
 ]
 
 logger = logging.getLogger(__name__)
 
-_SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
 # The steps `convert_hf_folder` reports to its `progress` callback, in order.
 STEPS = ("reading", "writing", "loading in timm", "verifying")
 # Settings a timm name's architecture may differ in and still be the model meant:
@@ -111,72 +109,6 @@ class ReverseResult:
     report: ParityReport
 
 
-def read_hf_folder(folder: str | os.PathLike) -> tuple[object, dict[str, torch.Tensor], ArchSpec]:
-    """Read a transformers ViT/DeiT folder: its config, its hub-format weights, its spec.
-
-    Args:
-        folder: holds `config.json` and `model.safetensors` (or shards with
-            `model.safetensors.index.json`), as `save_pretrained` writes them.
-
-    Returns:
-        `(config, state_dict, spec)`; a folder without the `vit.`/`deit.` prefix (a
-        `ViTModel`/`DeiTModel`) is a base model, `spec.num_classes == 0`.
-
-    Raises:
-        BadInputError: not a folder, no safetensors weights, not a ViT/DeiT, or a setting timm's
-            DeiT does not have (non-GELU activation, non-square images).
-
-    Example:
-        >>> config, state_dict, spec = read_hf_folder("deit-tiny-hf")
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BadInputError(f"{folder} is not a folder")
-    if not (folder / "config.json").is_file():
-        raise BadInputError(f"{folder} has no config.json: not a transformers model folder")
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as e:  # unreadable or invalid config.json
-        raise BadInputError(f"{folder}/config.json cannot be read: {first_line(e)}") from e
-    if config.model_type not in ("vit", "deit"):
-        raise BadInputError(
-            f"{folder} holds a {config.model_type!r} model; only ViT and DeiT convert to timm DeiT"
-        )
-    if config.hidden_act != "gelu":
-        raise BadInputError(f"hidden_act {config.hidden_act!r} is not timm DeiT's exact GELU")
-
-    if (folder / _INDEX).is_file():
-        try:
-            weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise BadInputError(f"{folder / _INDEX} is not a valid index: {first_line(e)}") from e
-    elif (folder / _SINGLE).is_file():
-        files = [_SINGLE]
-    else:
-        raise BadInputError(
-            f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read"
-        )
-    state_dict: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            state_dict.update(load_file(folder / name))
-        except (OSError, SafetensorError) as e:
-            raise BadInputError(
-                f"{folder / name} cannot be read: {first_line(e)}; get or write the folder again"
-            ) from e
-
-    prefix = "deit." if config.model_type == "deit" else "vit."
-    base_model = not any(k.startswith(prefix) for k in state_dict)
-    spec = ArchSpec.from_hf_config(config, base_model=base_model)
-    logger.info("read %s: %d tensors, %s", folder, len(state_dict), spec)
-    return config, state_dict, spec
-
-
 def timm_target(spec: ArchSpec, model: str | None = None) -> TimmTarget:
     """The timm model a transformers model of `spec` is written for.
 
@@ -191,8 +123,6 @@ def timm_target(spec: ArchSpec, model: str | None = None) -> TimmTarget:
     Raises:
         BadInputError: `model` is unknown or has another architecture (the differences named).
     """
-    from .source import resolve_model_name, supported_models
-
     if model is not None:
         name = resolve_model_name(model)
         diff = _differences(_default_spec(name), spec, ignore=_FREE_FIELDS | _KWARG_FIELDS)
@@ -211,8 +141,6 @@ def timm_target(spec: ArchSpec, model: str | None = None) -> TimmTarget:
 
 @functools.cache
 def _default_spec(name: str) -> ArchSpec:
-    from .source import build_on_meta
-
     return ArchSpec.from_timm(build_on_meta(name))
 
 
@@ -221,8 +149,6 @@ def _target_for(
 ) -> TimmTarget:
     """`name` with the kwargs that make it `spec` (with `full`, every architecture setting);
     checked on a meta-device build."""
-    from .source import build_on_meta
-
     default = _default_spec(name)
     kwargs: dict = {}
     if full:
@@ -271,21 +197,6 @@ def _hint_value(value) -> str:
     return repr(value)
 
 
-def check_output_file(output: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that `output` can be written, before any work is done.
-
-    Raises:
-        OutputError: not a `.safetensors` name (timm reads other extensions as pickles), a
-            folder, or an existing file without `overwrite`.
-    """
-    if Path(output).suffix != ".safetensors":
-        raise OutputError(
-            f"output {Path(output).name} must end in .safetensors (timm loads other names with "
-            "torch.load)"
-        )
-    return _check_file(output, overwrite)
-
-
 def convert_hf_folder(
     hf_dir: str | os.PathLike,
     output_file: str | os.PathLike,
@@ -324,13 +235,15 @@ def convert_hf_folder(
     """
     from safetensors.torch import save_file
 
-    step = progress or _no_progress
-    out = check_output_file(output_file, overwrite)
+    step = progress or no_progress
+    out = check_output_file(
+        output_file, overwrite, suffix=".safetensors", why="timm loads other names with torch.load"
+    )
     step("reading")
     _, hf_state_dict, spec = read_hf_folder(hf_dir)
     target = timm_target(spec, model)
     logger.info("writing for timm %s %s", target.name, target.kwargs)
-    state_dict = hf_to_timm(hf_state_dict, target.spec)
+    state_dict = mapping.hf_to_timm(hf_state_dict, target.spec)
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}  # safetensors needs dense
     with atomic_file(out, overwrite) as tmp:
         step("writing")
@@ -350,10 +263,6 @@ def convert_hf_folder(
         if not report.passed:
             raise ParityError(report)
     return ReverseResult(out, target, report)
-
-
-def _no_progress(step: str) -> None:
-    pass
 
 
 def _check_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

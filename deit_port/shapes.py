@@ -29,6 +29,7 @@ import torch
 
 from .arch import ArchSpec
 from .errors import CheckpointError
+from .registry import build_on_meta, supported_models
 
 __all__ = [
     "AUTO",
@@ -161,8 +162,6 @@ def fits(shapes: TensorShapes, spec: ArchSpec) -> bool:
 def registered_specs() -> tuple[tuple[str, ArchSpec], ...]:
     """`(name, ArchSpec)` of every registered DeiT (`timm.list_models("deit*")`), sorted;
     built on the meta device once per process."""
-    from .source import build_on_meta, supported_models
-
     return tuple((name, ArchSpec.from_timm(build_on_meta(name))) for name in supported_models())
 
 
@@ -253,10 +252,10 @@ def model_kwargs_from(
     img_size = shapes.img_size(prefix)
     read = {"num_classes": shapes.num_classes, "img_size": img_size}
     read |= {"patch_size": shapes.patch_size, "in_chans": shapes.in_chans}
-    read = {k: v for k, v in read.items() if v is not None}
+    known: dict[str, int] = {k: v for k, v in read.items() if v is not None}
     _check_args(args, shapes.num_classes, img_size)
     out = dict(kwargs)
-    for key, value in read.items():
+    for key, value in known.items():
         given = _side(kwargs.get(key))
         if given is None:
             if value != getattr(base, key):

@@ -1,81 +1,218 @@
-"""Where the timm model comes from: model names, timm's pretrained weights, seeded random weights."""
+"""Where the timm model comes from: timm's pretrained weights, seeded random weights, or a
+user's checkpoint file; one entry point, `timm_source`, for all three.
+
+    >>> source = timm_source("deit_tiny_patch16_224", checkpoint="best.safetensors")
+    >>> source.model, source.weights
+    (VisionTransformer(...), "entry 'model' of best.safetensors (safetensors)")
+
+A checkpoint is read by `deit_port.checkpoint`; the model it fixes (classes, resolution,
+channels, patch size: `deit_port.shapes`) is built on the meta device and handed the state dict
+through timm's own checkpoint filter (`timm.models.vision_transformer.checkpoint_filter_fn`, as
+`timm.models.deit` binds it): original DeiT III `gamma_1`/`gamma_2` become `ls1.gamma`/
+`ls2.gamma`, and for another `img_size` the position embedding is resampled exactly as
+`timm.create_model(..., pretrained=True)` does.
+"""
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import logging
 import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
-from .errors import BadInputError, WeightsUnavailableError, first_line
+from .arch import ArchSpec
+from .checkpoint import Checkpoint, read_checkpoint
+from .errors import BadInputError, CheckpointError, WeightsUnavailableError, first_line
+from .mapping import check_state_dict, timm_shapes
+from .registry import build_on_meta, create_without_weights, resolve_model_name
+from .shapes import AUTO, model_kwargs_from, pick_variant, read_shapes
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 __all__ = [
-    "build_on_meta",
+    "INITS",
+    "TimmSource",
     "create_timm_model",
+    "load_timm_model",
     "randomize_",
-    "resolve_model_name",
-    "supported_models",
+    "timm_source",
 ]
 
 logger = logging.getLogger(__name__)
 
-# transformers' script used these timm names, long gone from timm.
-_LEGACY_PREFIX = "vit_deit_"
+# Where weights come from without a checkpoint (`--init`): timm's own, or seeded random ones.
+INITS = ("pretrained", "random")
 
 
-def supported_models() -> list[str]:
-    """The timm DeiT architectures, sorted (`timm.list_models("deit*")`)."""
-    import timm
+@dataclass(frozen=True)
+class TimmSource:
+    """The timm model to convert, and where its weights came from.
 
-    return sorted(timm.list_models("deit*"))
+    Attributes:
+        model: the timm model, in eval mode.
+        name: its timm name (resolved: tags kept, legacy names renamed, `auto` picked).
+        weights: where the weights came from, in words (for logs and the model card).
+        notes: what was read from or done to the checkpoint (shapes, a resampled position
+            embedding), one phrase each, for the model card.
+        checkpoint: the `Checkpoint` read, or None for pretrained or random weights.
+    """
+
+    model: nn.Module
+    name: str
+    weights: str
+    notes: tuple[str, ...] = ()
+    checkpoint: Checkpoint | None = field(default=None, repr=False)
 
 
-def resolve_model_name(name: str) -> str:
-    """Return the timm name for `name`, accepting pretrained tags and the legacy `vit_deit_*`.
+def timm_source(
+    name: str,
+    *,
+    init: str = "pretrained",
+    seed: int = 0,
+    model_kwargs: dict | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    ema: bool | None = None,
+) -> TimmSource:
+    """The timm model `name` with its weights: from `checkpoint` when given, else `init`.
+
+    Args:
+        name: a timm model name (tags and legacy `vit_deit_*` names accepted); `auto` with a
+            checkpoint: the registered DeiT its tensors fit.
+        init: `pretrained` (timm's weights) or `random` (seeded, see `randomize_`); not used
+            with `checkpoint`.
+        seed: seed for `random`.
+        model_kwargs: passed to `timm.create_model` (e.g. `num_classes`, `img_size`).
+        checkpoint: a checkpoint file (see `load_timm_model`).
+        ema: with `checkpoint`: its EMA weights (True), the plain ones (False), or whichever it
+            has (None; an error if both).
 
     Raises:
-        BadInputError: an unknown name, with the closest supported names as suggestions.
+        BadInputError: `auto` or `ema` without a checkpoint, and everything `load_timm_model`
+            and `create_timm_model` raise.
     """
-    import timm
+    kwargs = model_kwargs or {}
+    if checkpoint is not None:
+        model, ckpt = load_timm_model(name, checkpoint, ema=ema, **kwargs)
+        picked = (
+            (getattr(model, "pretrained_cfg", None) or {})["architecture"] if name == AUTO else name
+        )
+        return TimmSource(model, resolve_model_name(picked), ckpt.describe(), ckpt.notes, ckpt)
+    if name == AUTO:
+        raise BadInputError(
+            "MODEL auto picks the DeiT a checkpoint's tensors fit: give --checkpoint PATH, or "
+            "a timm model name"
+        )
+    if ema is not None:
+        raise BadInputError("--ema/--no-ema choose weights inside a --checkpoint; give one")
+    model = create_timm_model(name, init=init, seed=seed, **kwargs)
+    name = resolve_model_name(name)
+    if init == "random":
+        return TimmSource(model, name, f"seeded random weights (seed {seed}), not a trained model")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    where = cfg.get("hf_hub_id") or cfg.get("url") or name
+    return TimmSource(model, name, f"timm's pretrained weights ({where})")
 
-    if name.startswith(_LEGACY_PREFIX):
-        name = "deit_" + name[len(_LEGACY_PREFIX) :]
-    arch = name.split(".", 1)[0]
-    if timm.is_model(arch):
-        return name
-    close = difflib.get_close_matches(arch, supported_models(), n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}?" if close else "run `deit-port list` for the names"
-    raise BadInputError(f"unknown timm model {name!r}: {hint}")
 
+def load_timm_model(
+    name: str, checkpoint: str | os.PathLike, *, ema: bool | None = None, **kwargs
+) -> tuple[nn.Module, Checkpoint]:
+    """Build the timm model `name` with a checkpoint's weights, without a throwaway random init.
 
-def build_on_meta(name: str, **kwargs) -> nn.Module:
-    """`timm.create_model(name, **kwargs)` on the meta device (no memory, no values).
+    What the checkpoint's tensors fix and `kwargs` do not give (classes, resolution, channels,
+    patch size) is read from them (`deit_port.shapes`, logged as `from the checkpoint: ...`);
+    a keyword that contradicts them is an error, except `img_size`, for which timm resamples the
+    position embedding. Tensors of another registered variant are refused, naming it. The model
+    is created on the meta device (no memory, no init), its architecture checked
+    (`ArchSpec.from_timm` refuses what transformers cannot express), the state dict passed
+    through timm's checkpoint filter (`checkpoint_filter_fn`: DeiT III's `gamma_N` renames, the
+    position-embedding resampling), its keys and shapes checked against the model, and the
+    tensors assigned with `load_state_dict(strict=True, assign=True)`. Floating-point weights
+    are computed in float32.
 
-    timm's weight init is skipped (`weight_init="skip"`) where timm allows it: on meta tensors
-    it computes nothing, but costs up to 0.4 s a model in dispatch. Older timm (1.0.16) cannot
-    skip it for distilled models (an assertion), so those are built with it.
+    Args:
+        name: a timm model name (tags and legacy `vit_deit_*` names accepted), or `auto`: the
+            registered DeiT the checkpoint's tensors fit (`deit_port.shapes.pick_variant`).
+        checkpoint: the checkpoint file (see `read_checkpoint`).
+        ema: which weights (see `read_checkpoint`).
+        **kwargs: passed to `timm.create_model` (e.g. `num_classes`, `img_size`).
+
+    Returns:
+        The model in eval mode (its `pretrained_cfg["architecture"]` names the variant), and
+        the `Checkpoint` read, with `notes` on what was read from it or resampled.
+
+    Raises:
+        CheckpointError: a bad file; tensors of another variant (the fitting ones named); a
+            keyword contradicting the tensors (both values named); keys or shapes that are not
+            the model's (missing and unexpected keys listed sorted; the first mismatching
+            shape named with both shapes).
+        TypeError, ValueError: not a timm VisionTransformer, an unsupported feature, a name
+            timm does not know.
+
+    Example:
+        >>> model, ckpt = load_timm_model("deit3_small_patch16_224", "deit_3_small_224_1k.pth")
     """
-    import timm
 
-    with torch.device("meta"):
-        try:
-            return timm.create_model(name, pretrained=False, weight_init="skip", **kwargs)
-        except (AssertionError, TypeError):  # the init cannot be skipped; the same model with it
-            return _create(name, **kwargs)
+    auto = name == AUTO
+    if not auto:
+        name = resolve_model_name(name)
+        base = ArchSpec.from_timm(build_on_meta(name, **kwargs))  # refused before reading the file
+    ckpt = read_checkpoint(checkpoint, ema=ema)
+    shapes = read_shapes(ckpt.state_dict)
+    if auto:
+        name = pick_variant(shapes)
+        logger.info("auto: the checkpoint's tensors fit %s", name)
+        base = ArchSpec.from_timm(build_on_meta(name, **kwargs))
+    kwargs, notes = model_kwargs_from(shapes, name, base, kwargs, ckpt.args)
+    model = build_on_meta(name, **kwargs)
+    spec = ArchSpec.from_timm(model)
+    state_dict = _timm_filter(ckpt.state_dict, model)
+    state_dict = _check_against(state_dict, timm_shapes(spec), name)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{name}: {left[0]} was not set by the checkpoint")
+    return model.eval(), dataclasses.replace(ckpt, notes=notes)
 
 
-def _create(name: str, **kwargs) -> nn.Module:
-    """`timm.create_model(name, pretrained=False, **kwargs)`; settings timm refuses (a
-    negative class count, an unknown keyword, ...) are bad input, named."""
-    import timm
+def _timm_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's own checkpoint filter, as `timm.models.deit` binds it for pretrained weights
+    (`adapt_layer_scale=True`): `gamma_N` -> `lsN.gamma`, the position embedding resampled to
+    the model's grid (`resample_abs_pos_embed`, bicubic, antialiased)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
 
-    try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except (AssertionError, TypeError, ValueError, RuntimeError) as e:
-        settings = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its defaults"
-        raise BadInputError(f"timm cannot build {name} with {settings}: {first_line(e)}") from e
+    return checkpoint_filter_fn(
+        dict(state_dict), cast("VisionTransformer", model), adapt_layer_scale=True
+    )
+
+
+def _check_against(
+    state_dict: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], name: str
+) -> dict[str, torch.Tensor]:
+    """Keys and shapes as `shapes` (timm's key order) says, or a one-line error; float32 values."""
+    # classes and resolution were read from the tensors: a wrong shape is another variant
+    check_state_dict(state_dict, shapes, f"the checkpoint for {name}")
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            raise CheckpointError(
+                f"the checkpoint's {key!r} holds {str(value.dtype).removeprefix('torch.')} "
+                f"values, {name} has floating-point weights: is the file damaged? get or save "
+                "it again"
+            )
+    out = {}
+    for key, value in state_dict.items():
+        if value.dtype != torch.float32:
+            value = value.float()
+        out[key] = value
+    dtypes = sorted({str(v.dtype) for v in state_dict.values() if v.is_floating_point()})
+    if dtypes != ["torch.float32"]:
+        logger.info("checkpoint holds %s weights; computing in float32", ", ".join(dtypes))
+    return out
 
 
 def create_timm_model(name: str, init: str = "pretrained", seed: int = 0, **kwargs) -> nn.Module:
@@ -98,7 +235,7 @@ def create_timm_model(name: str, init: str = "pretrained", seed: int = 0, **kwar
         # built on the meta device: timm's own init would be overwritten anyway
         model = build_on_meta(name, **kwargs)
         if any(True for _ in model.buffers()):  # buffers are not ours to randomize
-            model = _create(name, **kwargs)
+            model = create_without_weights(name, **kwargs)
         else:
             model = model.to_empty(device="cpu")
         randomize_(model, seed)
@@ -111,7 +248,7 @@ def create_timm_model(name: str, init: str = "pretrained", seed: int = 0, **kwar
                 "give --checkpoint PATH for weights you have, or --init random for seeded random ones"
             ) from e
     else:
-        raise BadInputError(f"init must be 'pretrained' or 'random', not {init!r}")
+        raise BadInputError(f"init must be one of {', '.join(INITS)}, not {init!r}")
     return model.eval()
 
 

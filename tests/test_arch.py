@@ -8,7 +8,7 @@ import torch
 
 from deit_port.arch import ArchSpec
 from deit_port.mapping import hf_shapes, timm_shapes
-from deit_port.source import build_on_meta
+from deit_port.registry import build_on_meta
 
 from .util import DEIT_VARIANTS, FAST_VARIANTS
 

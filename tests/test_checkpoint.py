@@ -16,12 +16,14 @@ from transformers import AutoModelForImageClassification
 
 from deit_port import cli
 from deit_port.arch import ArchSpec
-from deit_port.checkpoint import load_timm_model, read_checkpoint, read_labels, remap_state_dict
+from deit_port.checkpoint import read_checkpoint, remap_state_dict
 from deit_port.cli import seed_main as convert_main
 from deit_port.convert import convert_deit_checkpoint
 from deit_port.errors import CheckpointError
+from deit_port.labels import read_labels
 from deit_port.mapping import timm_to_hf
 from deit_port.parity import parity_inputs, synthetic_image
+from deit_port.source import load_timm_model
 
 from .util import assert_state_dicts_equal, model_output, random_timm_model, run_python
 

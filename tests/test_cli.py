@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import deit_port.convert
+import deit_port.mapping
 from deit_port import cli
 from deit_port.mapping import timm_to_hf
 
@@ -85,7 +85,7 @@ def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys
         sd[a], sd[b] = sd[b], sd[a]
         return sd
 
-    monkeypatch.setattr(deit_port.convert, "timm_to_hf", swapped_norms)
+    monkeypatch.setattr(deit_port.mapping, "timm_to_hf", swapped_norms)
     out = tmp_path / "out"
     assert cli.main(["convert", TINY, str(out), *TINY_ARGS]) == 1
     assert "parity FAIL" in capsys.readouterr().err
@@ -98,7 +98,7 @@ def test_a_bug_keeps_its_traceback_and_exits_3(tmp_path, monkeypatch, capsys):
     def buggy(state_dict, spec, **kwargs):
         return state_dict.no_such_method()  # an AttributeError, as a bug would raise
 
-    monkeypatch.setattr(deit_port.convert, "timm_to_hf", buggy)
+    monkeypatch.setattr(deit_port.mapping, "timm_to_hf", buggy)
     out = tmp_path / "out"
     assert cli.main(["-q", "convert", TINY, str(out), *TINY_ARGS]) == 3
     err = capsys.readouterr().err

@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForImageClassification
 
 from deit_port import cli
-from deit_port.checkpoint import load_timm_model
 from deit_port.errors import CheckpointError
 from deit_port.parity import parity_inputs
 from deit_port.shapes import TensorShapes, pick_variant
+from deit_port.source import load_timm_model
 
 from .test_bad_input import _convert_fails
 from .util import ATOL_MEASURED, model_output, random_timm_model

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from deit_port import cli
-from deit_port.checkpoint import load_timm_model
 from deit_port.errors import BadInputError, CheckpointError
+from deit_port.source import load_timm_model
 
 from .util import random_timm_model
 

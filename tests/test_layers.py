@@ -11,7 +11,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-import deit_port.convert
+import deit_port.mapping
 from deit_port import cli
 from deit_port.convert import convert_timm_model
 from deit_port.parity import DEFAULT_ATOL, check_parity, parity_inputs
@@ -111,7 +111,7 @@ def test_convert_layers_names_the_first_divergence_and_writes_nothing(
 ):
     """A converter bug in block 3 (its attention output projection zeroed) fails the
     conversion with exit 1; the message and the table name block 3."""
-    right = deit_port.convert.timm_to_hf
+    right = deit_port.mapping.timm_to_hf
 
     def wrong(state_dict, spec, **kwargs):
         hf = right(state_dict, spec, **kwargs)
@@ -119,7 +119,7 @@ def test_convert_layers_names_the_first_divergence_and_writes_nothing(
         hf[key] = hf[key] * 0
         return hf
 
-    monkeypatch.setattr(deit_port.convert, "timm_to_hf", wrong)
+    monkeypatch.setattr(deit_port.mapping, "timm_to_hf", wrong)
     out = tmp_path / "hf"
     assert cli.main(["convert", variant, str(out), *RANDOM, "--layers", "-q"]) == 1
     captured = capsys.readouterr()

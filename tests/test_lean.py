@@ -8,8 +8,8 @@ import safetensors.torch
 import timm
 import torch
 
-from deit_port.checkpoint import release_pages
 from deit_port.convert import convert_deit_checkpoint
+from deit_port.memory import release_pages
 
 from .util import random_timm_model
 

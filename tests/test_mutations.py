@@ -18,7 +18,7 @@ per-query constant), or swapping only the biases of the two distilled heads (the
 averaged).
 
 Whether each one also breaks the contract (`ATOL_CONTRACT`, 1e-3) is recorded as the test
-property `breaks_contract`; see README, "Property suite".
+property `breaks_contract`; see docs/measurements.md, "Property suite".
 """
 
 from collections.abc import Callable

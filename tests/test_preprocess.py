@@ -24,18 +24,19 @@ from timm.data import create_transform
 from torchvision.transforms import functional as TF
 from transformers import AutoImageProcessor, pipeline
 
-import deit_port.convert
+import deit_port.parity
+import deit_port.preprocess
 from deit_port import cli
 from deit_port.errors import ImageLoadError
 from deit_port.images import load_image
 from deit_port.parity import data_config, synthetic_image
 from deit_port.preprocess import (
-    PIL_ATOL,
     compare_preprocessing,
     crop_offset_differs,
     processor_kwargs,
     save_preprocessor,
 )
+from deit_port.tolerances import PIL_ATOL
 
 from .util import ATOL_CONTRACT, ATOL_MEASURED, DEVICE, FAST_VARIANTS, MODEL_IMAGES, sample_images
 from .variants import variant_params
@@ -43,7 +44,7 @@ from .variants import variant_params
 TINY = "deit_tiny_patch16_224"
 TINY_ARGS = ["--init", "random", "--seed", "1"]
 
-# Measured bounds of the default (torchvision) backend on the images below, see README
+# Measured bounds of the default (torchvision) backend on the images below, see docs/measurements.md
 # "Preprocessing". Pixels: one or two uint8 levels of its bicubic resize against PIL's
 # (1 level = 1 / (255 * 0.224) = 0.0175 after normalizing): 0.0175 at 224 px (crop_pct 0.9),
 # 0.0350 at 384 px (crop_pct 1.0). Logits of the random-init models: up to 1.8e-3.
@@ -327,7 +328,7 @@ def test_convert_refuses_a_processor_that_differs_from_timm(tmp_path, monkeypatc
     def hub_preprocessor(folder, timm_model):
         Path(folder, "preprocessor_config.json").write_text(json.dumps(HUB_CONFIGS["converter"]))
 
-    monkeypatch.setattr(deit_port.convert, "save_preprocessor", hub_preprocessor)
+    monkeypatch.setattr(deit_port.preprocess, "save_preprocessor", hub_preprocessor)
     assert cli.main(["convert", TINY, str(tmp_path / "out"), *TINY_ARGS]) == 1
     err = capsys.readouterr().err
     assert "preprocessing FAIL" in err and "image_mean" in err
@@ -415,13 +416,13 @@ def test_image_from_file_and_url_join_the_parity_batch(tmp_path, server, monkeyp
     local.save(path)
     seen = []
 
-    original = deit_port.convert.parity_inputs
+    original = deit_port.parity.parity_inputs
 
     def spy(timm_model, *args, images=None, **kwargs):
         seen.append(images)
         return original(timm_model, *args, images=images, **kwargs)
 
-    monkeypatch.setattr(deit_port.convert, "parity_inputs", spy)
+    monkeypatch.setattr(deit_port.parity, "parity_inputs", spy)
     out = tmp_path / "out"
     argv = ["convert", TINY, str(out), *TINY_ARGS, "--image", str(path)]
     argv += ["--image", f"{server}/cat.png"]

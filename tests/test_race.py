@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import deit_port.convert
 import deit_port.io
 from deit_port import cli
 from deit_port.errors import OutputError
@@ -163,13 +162,13 @@ def test_file_writer_removes_leftovers_of_dead_runs_keeps_live_ones(tmp_path):
 def test_convert_loses_to_a_folder_that_appeared_meanwhile(tmp_path, capsys, monkeypatch):
     """Through the CLI: exit 2, one line, the other run's folder untouched, nothing left."""
     out = tmp_path / "out"
-    real = deit_port.convert.save_hf_folder
+    real = deit_port.io.save_hf_folder
 
     def save_while_another_run_publishes(folder, *args, **kwargs):
         real(folder, *args, **kwargs)
         _theirs(out, folder=True)
 
-    monkeypatch.setattr(deit_port.convert, "save_hf_folder", save_while_another_run_publishes)
+    monkeypatch.setattr(deit_port.io, "save_hf_folder", save_while_another_run_publishes)
     code = cli.main(["-q", "convert", TINY, str(out), "--init", "random", "--no-verify"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err

@@ -13,7 +13,8 @@ from timm.layers import LayerNorm
 
 from deit_port.arch import ArchSpec
 from deit_port.parity import synthetic_image
-from deit_port.source import build_on_meta, randomize_
+from deit_port.registry import build_on_meta
+from deit_port.source import randomize_
 
 DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
 
@@ -25,7 +26,7 @@ FAST_VARIANTS = {
     "deit3_small_patch16_224",
 }
 
-# The contract, and how much tighter the conversion really is (measured, see README).
+# The contract, and how much tighter the conversion really is (measured: docs/parity-variants.md).
 ATOL_CONTRACT = 1e-3
 ATOL_MEASURED = 1e-4
 

@@ -102,7 +102,7 @@ class Converted:
 
     @functools.cached_property
     def meta_model(self) -> torch.nn.Module:
-        from deit_port.source import build_on_meta
+        from deit_port.registry import build_on_meta
 
         return build_on_meta(self.name)
 
@@ -122,7 +122,7 @@ class Converted:
     def timm_model(self) -> torch.nn.Module:
         from safetensors.torch import load_file
 
-        from deit_port.source import build_on_meta
+        from deit_port.registry import build_on_meta
 
         model = build_on_meta(self.name)
         model.load_state_dict(load_file(self.checkpoint), strict=True, assign=True)
