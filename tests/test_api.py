@@ -1,15 +1,19 @@
 """The importable API: what `deit_port.convert` exports exists, is documented, and is stable;
 the error tree; no import cycle between the library and its command line."""
 
+import ast
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import deit_port
 import deit_port.convert
 from deit_port import errors
+
+PACKAGE = Path(deit_port.__file__).parent
 
 SEED_NAMES = {"create_rename_keys", "read_in_q_k_v", "rename_key", "convert_deit_checkpoint"}
 CORE = {
@@ -90,10 +94,93 @@ def test_the_version_is_pyprojects():
     assert deit_port.__version__ == pyproject["project"]["version"]
 
 
-def test_no_import_cycle_between_convert_and_cli():
-    """Importing the library does not import the command line (which imports the library)."""
+def test_importing_the_library_does_not_import_the_command_line():
     code = "import sys, deit_port.convert; assert 'deit_port.cli' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-    source = inspect.getsource(deit_port.convert)
-    top = source.split('if __name__ == "__main__":')[0]
-    assert "cli" not in "".join(line for line in top.splitlines() if "import" in line)
+
+
+def _imports(source: str, module: str) -> list[tuple[str, str]]:
+    """`(module imported, name imported)` for every import of a deit_port module in `source`,
+    at any depth (a function's lazy imports too), except inside `if __name__ == "__main__":`.
+    `from . import io` gives `("io", "")`: the module itself."""
+    found = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in (
+            "__name__ == '__main__'",
+            '__name__ == "__main__"',
+        ):
+            return
+        if isinstance(node, ast.ImportFrom):
+            target = node.module or ""
+            if node.level == 0 and not target.startswith("deit_port"):
+                target = None
+            elif node.level == 0:
+                target = target.removeprefix("deit_port").lstrip(".")
+            if target is not None:
+                for alias in node.names:
+                    if target:
+                        found.append((target, alias.name))
+                    else:  # `from . import mapping`
+                        found.append((alias.name, ""))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("deit_port."):
+                    found.append((alias.name.removeprefix("deit_port."), ""))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(source))
+    return [(target, name) for target, name in found if target != module]
+
+
+def _library_sources() -> dict[str, str]:
+    return {p.stem: p.read_text() for p in PACKAGE.glob("*.py")}
+
+
+def _private_imports(sources: dict[str, str]) -> list[str]:
+    return [
+        f"{module} imports {target}.{name}"
+        for module, source in sorted(sources.items())
+        for target, name in _imports(source, module)
+        if name.startswith("_") and not name.startswith("__")
+    ]
+
+
+def _cycles(sources: dict[str, str]) -> list[list[str]]:
+    """Every import cycle between the modules (each found once, from its smallest module)."""
+    graph = {m: sorted({t for t, _ in _imports(s, m) if t in sources}) for m, s in sources.items()}
+    cycles = []
+
+    def walk(path: list[str]) -> None:
+        for nxt in graph[path[-1]]:
+            if nxt == path[0]:
+                cycles.append([*path, nxt])
+            elif nxt not in path and nxt > path[0]:
+                walk([*path, nxt])
+
+    for start in sorted(graph):
+        walk([start])
+    return cycles
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert _private_imports(_library_sources()) == []
+
+
+def test_the_modules_import_each_other_without_a_cycle():
+    assert _cycles(_library_sources()) == []
+
+
+def test_the_import_checks_find_what_they_look_for():
+    """The two checks above on sources made to fail them: a private name imported lazily, and
+    a cycle through a lazy import, while a `__main__` block is allowed to import upwards."""
+    sources = {
+        "a": "from .b import f\n",
+        "b": "def g():\n    from .c import _h\n",
+        "c": 'def h():\n    from .a import f\nif __name__ == "__main__":\n    from .b import _k\n',
+    }
+    assert _private_imports(sources) == ["b imports c._h"]
+    assert _cycles(sources) == [["a", "b", "c", "a"]]
+    del sources["c"]
+    assert _cycles(sources) == []
