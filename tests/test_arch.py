@@ -10,7 +10,7 @@ from deit_port.arch import ArchSpec
 from deit_port.mapping import hf_shapes, timm_shapes
 from deit_port.registry import build_on_meta
 
-from .util import DEIT_VARIANTS, FAST_VARIANTS
+from .util import DEIT_VARIANTS, FAST_VARIANTS, TINY, TINY_DISTILLED
 
 # (embed_dim, depth, heads, patch, img) from the DeiT and DeiT III papers, by size name.
 PUBLISHED = {
@@ -82,7 +82,7 @@ def test_every_timm_key_and_shape_is_planned(variant):
 def test_spec_follows_custom_settings():
     spec = ArchSpec.from_timm(_meta_model("deit_small_patch16_224", num_classes=37, img_size=160))
     assert (spec.num_classes, spec.img_size, spec.num_patches) == (37, 160, 100)
-    spec = ArchSpec.from_timm(_meta_model("deit_tiny_distilled_patch16_224", num_classes=0))
+    spec = ArchSpec.from_timm(_meta_model(TINY_DISTILLED, num_classes=0))
     assert spec.num_classes == 0 and spec.distilled
     # the HF side always has a position row per prefix token
     assert hf_shapes(spec)["embeddings.position_embeddings"] == (1, 196 + 2, 192)
@@ -106,7 +106,7 @@ def test_spec_follows_custom_settings():
     ],
 )
 def test_unsupported_structures_are_refused_by_name(kwargs, feature):
-    model = _meta_model("deit_tiny_patch16_224", **kwargs)
+    model = _meta_model(TINY, **kwargs)
     with pytest.raises(ValueError, match=feature):
         ArchSpec.from_timm(model)
 
@@ -117,7 +117,7 @@ def test_non_vit_model_is_refused():
 
 
 def test_spec_is_frozen():
-    spec = ArchSpec.from_timm(_meta_model("deit_tiny_patch16_224"))
+    spec = ArchSpec.from_timm(_meta_model(TINY))
     with pytest.raises(AttributeError):
         spec.depth = 3
 
@@ -125,7 +125,7 @@ def test_spec_is_frozen():
 @pytest.mark.parametrize("act_layer", ["gelu", torch.nn.GELU])
 def test_exact_gelu_by_any_name_is_accepted(act_layer):
     """timm's `act_layer="gelu"` is its own GELU class; it computes the same erf GELU."""
-    spec = ArchSpec.from_timm(_meta_model("deit_tiny_patch16_224", act_layer=act_layer))
+    spec = ArchSpec.from_timm(_meta_model(TINY, act_layer=act_layer))
     assert spec.embed_dim == 192
 
 
@@ -154,6 +154,6 @@ def test_build_on_meta_builds_with_the_init_where_timm_cannot_skip_it(monkeypatc
 
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", create_model)
-    model = build_on_meta("deit_tiny_distilled_patch16_224", num_classes=7)
+    model = build_on_meta(TINY_DISTILLED, num_classes=7)
     assert calls == ["skip", None]
     assert model.num_classes == 7 and model.head_dist.weight.is_meta

@@ -1,12 +1,12 @@
 """Bad input: each one a one-line error, exit 2, nothing written and nothing lost.
 
-"Nothing written or lost" is checked on the whole temp folder: every file in it (the
-checkpoint, an earlier output) has the same bytes afterwards and no file or folder was added.
+"Nothing written or lost" is checked on the whole temp folder (`cli_error_line`'s
+`unchanged=tmp_path`): every file in it (the checkpoint, an earlier output) has the same bytes
+afterwards and no file or folder was added or removed.
 """
 
 import errno
 import fractions
-import hashlib
 import os
 import pickle
 import signal
@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 
 from deit_port import cli
 
-from .util import dead_pid, random_timm_model
+from .util import TINY, cli_error_line, dead_pid, nothing_written, random_timm_model
 
-TINY = "deit_tiny_patch16_224"
+CONVERT = ["-q", "convert"]
 
 
 @pytest.fixture(scope="module")
@@ -34,30 +34,9 @@ def tiny_sd():
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    """Every path under `root` -> a hash of its bytes ("dir" for folders)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def _convert_fails(tmp_path: Path, argv: list[str], capsys) -> str:
-    """Run `deit-port -q convert ...`; assert exit 2, exactly one error line, and that nothing
-    under tmp_path changed. Returns the error line."""
-    before = _snapshot(tmp_path)
-    code = cli.main(["-q", "convert", *argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("deit-port: error: "), err
-    assert _snapshot(tmp_path) == before, "something was written or lost"
-    return lines[0]
-
-
-def _ckpt_args(path: Path, out: Path) -> list[str]:
-    return [TINY, str(out), "--checkpoint", str(path)]
+def _ckpt_args(path: Path, out: Path, model: str = TINY) -> list[str]:
+    """`deit-port -q convert MODEL OUT --checkpoint PATH`."""
+    return [*CONVERT, model, str(out), "--checkpoint", str(path)]
 
 
 # --- pickles that would run code or need other globals -------------------------------------
@@ -84,7 +63,7 @@ def test_pickle_that_would_run_code_is_refused(tiny_sd, tmp_path, capsys, how):
         torch.save(payload, path, _use_new_zipfile_serialization=False)
     else:  # no tensors: a raw pickle of one would need torch.storage._load_from_bytes first
         path.write_bytes(pickle.dumps({"model": _RunsCode(f"touch {sentinel}")}, protocol=2))
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    line = cli_error_line(_ckpt_args(path, tmp_path / "out"), capsys, unchanged=tmp_path)
     assert "posix.system" in line and "weights-only" in line
     assert not sentinel.exists(), "the pickle's code ran"
     # the control: loading it unsafely does run the code, so the check above means something
@@ -98,7 +77,7 @@ def test_pickle_that_would_run_code_is_refused(tiny_sd, tmp_path, capsys, how):
 def test_pickle_needing_a_non_allowlisted_global_names_it(tiny_sd, tmp_path, capsys):
     path = tmp_path / "ckpt.pth"
     torch.save({"model": tiny_sd, "best_acc": fractions.Fraction(3, 4)}, path)
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    line = cli_error_line(_ckpt_args(path, tmp_path / "out"), capsys, unchanged=tmp_path)
     assert "fractions.Fraction" in line
 
 
@@ -156,7 +135,7 @@ def test_damaged_file(tiny_sd, tmp_path, capsys, kind):
     name, data, says = _damaged(kind, tiny_sd)
     path = tmp_path / name
     path.write_bytes(data)
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    line = cli_error_line(_ckpt_args(path, tmp_path / "out"), capsys, unchanged=tmp_path)
     assert says in line and str(path) in line
 
 
@@ -170,7 +149,7 @@ def test_renamed_damaged_file_is_judged_by_its_content(tiny_sd, tmp_path, capsys
     _, data, says = _damaged(kind, tiny_sd)
     path = tmp_path / name
     path.write_bytes(data)
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    line = cli_error_line(_ckpt_args(path, tmp_path / "out"), capsys, unchanged=tmp_path)
     assert says in line
     real = "torch zip" if kind == "truncated-pth" else "safetensors"
     assert real in line
@@ -186,7 +165,7 @@ def test_checkpoint_of_another_variant_names_the_variant_it_fits(tmp_path, capsy
         small = timm.create_model("deit_small_patch16_224").state_dict()
     path = tmp_path / "small.safetensors"
     save_file({k: torch.full(v.shape, 0.01) for k, v in small.items()}, path)
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    line = cli_error_line(_ckpt_args(path, tmp_path / "out"), capsys, unchanged=tmp_path)
     # deit_small: width 384 (cls_token (1, 1, 384)), 12 blocks; deit_tiny: width 192
     assert f"does not fit {TINY} (embed dim 192, depth 12)" in line
     assert "its tensors have embed dim 384, depth 12, which fits deit_small_patch16_224" in line
@@ -198,7 +177,7 @@ def test_a_tensor_of_another_shape_is_named_with_both_shapes(tiny_sd, tmp_path, 
     sd["blocks.3.mlp.fc2.weight"] = torch.full((192, 700), 0.01)
     path = tmp_path / "w.safetensors"
     save_file(sd, path)
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    line = cli_error_line(_ckpt_args(path, tmp_path / "out"), capsys, unchanged=tmp_path)
     assert "'blocks.3.mlp.fc2.weight' has shape (192, 700)" in line and "(192, 768)" in line
 
 
@@ -208,7 +187,7 @@ def test_num_classes_contradicting_the_checkpoint_names_both(tmp_path, capsys):
     path = tmp_path / "ft.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     argv = [*_ckpt_args(path, tmp_path / "out"), "--num-classes", "1000"]
-    line = _convert_fails(tmp_path, argv, capsys)
+    line = cli_error_line(argv, capsys, unchanged=tmp_path)
     assert "--num-classes 1000 contradicts the checkpoint: its head has 10 classes" in line
 
 
@@ -219,7 +198,7 @@ def test_missing_and_unexpected_keys_are_listed_sorted(tiny_sd, tmp_path, capsys
     sd["aa.extra"] = torch.ones(1)
     path = tmp_path / "w.safetensors"
     save_file(sd, path)
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    line = cli_error_line(_ckpt_args(path, tmp_path / "out"), capsys, unchanged=tmp_path)
     assert "missing 2 keys [blocks.3.mlp.fc2.weight, norm.bias]" in line
     assert "unexpected 2 keys [aa.extra, zz.extra]" in line
 
@@ -230,7 +209,7 @@ def test_non_tensor_entry(tiny_sd, tmp_path, capsys, value):
     sd["blocks.0.norm1.weight"] = value
     path = tmp_path / "w.pth"
     torch.save({"model": sd}, path)
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    line = cli_error_line(_ckpt_args(path, tmp_path / "out"), capsys, unchanged=tmp_path)
     assert "'blocks.0.norm1.weight'" in line and "not a tensor" in line
 
 
@@ -242,14 +221,14 @@ def test_nan_or_inf_in_weights(tiny_sd, tmp_path, capsys, bad):
     sd["blocks.5.attn.qkv.weight"] = w
     path = tmp_path / "w.safetensors"
     save_file(sd, path)
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    line = cli_error_line(_ckpt_args(path, tmp_path / "out"), capsys, unchanged=tmp_path)
     assert "'blocks.5.attn.qkv.weight'" in line and "1 NaN/Inf value" in line
 
 
 def test_ema_and_plain_weights_need_a_choice(tiny_sd, tmp_path, capsys):
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": tiny_sd, "model_ema": tiny_sd, "epoch": 3}, path)
-    line = _convert_fails(tmp_path, _ckpt_args(path, tmp_path / "out"), capsys)
+    line = cli_error_line(_ckpt_args(path, tmp_path / "out"), capsys, unchanged=tmp_path)
     assert "--ema or --no-ema" in line
 
 
@@ -258,8 +237,8 @@ def test_labels_of_the_wrong_count(tiny_sd, tmp_path, capsys):
     save_file(tiny_sd, path)
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\n")
-    line = _convert_fails(
-        tmp_path, [*_ckpt_args(path, tmp_path / "out"), "--labels", str(labels)], capsys
+    line = cli_error_line(
+        [*_ckpt_args(path, tmp_path / "out"), "--labels", str(labels)], capsys, unchanged=tmp_path
     )
     assert "2 labels" in line and "1000 classes" in line
 
@@ -270,10 +249,8 @@ def test_labels_of_the_wrong_count(tiny_sd, tmp_path, capsys):
 def test_unknown_model_name(tiny_sd, tmp_path, capsys):
     path = tmp_path / "w.safetensors"
     save_file(tiny_sd, path)
-    line = _convert_fails(
-        tmp_path,
-        ["deit_tiny_patch16_244", str(tmp_path / "out"), "--checkpoint", str(path)],
-        capsys,
+    line = cli_error_line(
+        _ckpt_args(path, tmp_path / "out", "deit_tiny_patch16_244"), capsys, unchanged=tmp_path
     )
     assert "unknown timm model" in line and "deit_tiny_patch16_224" in line
 
@@ -281,8 +258,8 @@ def test_unknown_model_name(tiny_sd, tmp_path, capsys):
 def test_non_deit_model(tiny_sd, tmp_path, capsys):
     path = tmp_path / "w.safetensors"
     save_file(tiny_sd, path)
-    line = _convert_fails(
-        tmp_path, ["resnet18", str(tmp_path / "out"), "--checkpoint", str(path)], capsys
+    line = cli_error_line(
+        _ckpt_args(path, tmp_path / "out", "resnet18"), capsys, unchanged=tmp_path
     )
     assert "not a timm VisionTransformer" in line and "DeiT" in line
 
@@ -290,10 +267,10 @@ def test_non_deit_model(tiny_sd, tmp_path, capsys):
 def test_unsupported_vit_feature_is_named(tiny_sd, tmp_path, capsys):
     path = tmp_path / "w.safetensors"
     save_file(tiny_sd, path)
-    line = _convert_fails(
-        tmp_path,
-        ["vit_small_patch14_reg4_dinov2", str(tmp_path / "out"), "--checkpoint", str(path)],
+    line = cli_error_line(
+        _ckpt_args(path, tmp_path / "out", "vit_small_patch14_reg4_dinov2"),
         capsys,
+        unchanged=tmp_path,
     )
     assert "register tokens" in line
 
@@ -312,33 +289,27 @@ def ckpt(tiny_sd, tmp_path) -> Path:
 def test_output_is_an_existing_file(ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     out.write_text("not a folder")
-    line = _convert_fails(
-        tmp_path, [TINY, str(out), "--checkpoint", str(ckpt), "--overwrite"], capsys
-    )
+    line = cli_error_line([*_ckpt_args(ckpt, out), "--overwrite"], capsys, unchanged=tmp_path)
     assert "existing file" in line
 
 
 def test_output_is_the_checkpoint_itself(ckpt, tmp_path, capsys):
-    line = _convert_fails(
-        tmp_path, [TINY, str(ckpt), "--checkpoint", str(ckpt), "--overwrite"], capsys
-    )
+    line = cli_error_line([*_ckpt_args(ckpt, ckpt), "--overwrite"], capsys, unchanged=tmp_path)
     assert "is the checkpoint itself" in line
 
 
 def test_output_folder_holding_the_checkpoint(ckpt, tmp_path, capsys):
     """Writing ckpts/ (which would get a model.safetensors of its own) would delete the
     checkpoint ckpts/model.safetensors: refused even with --overwrite."""
-    line = _convert_fails(
-        tmp_path, [TINY, str(ckpt.parent), "--checkpoint", str(ckpt), "--overwrite"], capsys
+    line = cli_error_line(
+        [*_ckpt_args(ckpt, ckpt.parent), "--overwrite"], capsys, unchanged=tmp_path
     )
     assert "holds the checkpoint" in line
 
 
 def test_output_under_a_file(ckpt, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    line = _convert_fails(
-        tmp_path, [TINY, str(tmp_path / "afile" / "out"), "--checkpoint", str(ckpt)], capsys
-    )
+    line = cli_error_line(_ckpt_args(ckpt, tmp_path / "afile" / "out"), capsys, unchanged=tmp_path)
     assert "is a file, not a folder" in line
 
 
@@ -351,9 +322,7 @@ def test_output_not_writable(ckpt, tmp_path, capsys, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkdtemp", denied)
-    line = _convert_fails(
-        tmp_path, [TINY, str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys
-    )
+    line = cli_error_line(_ckpt_args(ckpt, tmp_path / "out"), capsys, unchanged=tmp_path)
     assert "Permission denied" in line
 
 
@@ -382,8 +351,8 @@ def test_full_disk(ckpt, tmp_path, capsys, monkeypatch, earlier):
         (out / "model.safetensors").write_bytes(b"an earlier conversion")
         (out / "config.json").write_text("{}")
     calls = _disk_fills_after(monkeypatch, n_ok=2)
-    argv = [TINY, str(out), "--checkpoint", str(ckpt), "--overwrite", "--max-shard-size", "2MB"]
-    line = _convert_fails(tmp_path, argv, capsys)
+    argv = [*_ckpt_args(ckpt, out), "--overwrite", "--max-shard-size", "2MB"]
+    line = cli_error_line(argv, capsys, unchanged=tmp_path)
     assert len(calls) == 3, "the write should have failed on the third shard"
     assert "no space left on device" in line and "nothing was written" in line
     if earlier:
@@ -459,8 +428,8 @@ def test_output_moved_aside_by_a_killed_overwrite_is_restored(ckpt, tmp_path, ca
     aside.mkdir(parents=True)
     (aside / "config.json").write_text("the earlier conversion")
     out = tmp_path / "out"
-    code = cli.main(["-q", "convert", TINY, str(out), "--checkpoint", str(ckpt), "--no-verify"])
-    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    line = cli_error_line([*_ckpt_args(ckpt, out), "--no-verify"], capsys, unchanged=None)
+    assert "--overwrite" in line
     assert (out / "config.json").read_text() == "the earlier conversion"
     assert not aside.parent.exists()
 
@@ -471,16 +440,16 @@ def test_output_moved_aside_by_a_killed_overwrite_is_restored(ckpt, tmp_path, ca
     ids=["checkpoint-and-init", "ema-and-no-ema", "unknown-dtype"],
 )
 def test_contradictory_options_are_usage_errors(ckpt, tmp_path, capsys, extra):
-    before = _snapshot(tmp_path)
-    with pytest.raises(SystemExit) as e:
+    with nothing_written(tmp_path), pytest.raises(SystemExit) as e:
         cli.main(["convert", TINY, str(tmp_path / "out"), "--checkpoint", str(ckpt), *extra])
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
-    assert _snapshot(tmp_path) == before
 
 
 def test_ema_flag_without_a_checkpoint(tmp_path, capsys):
-    line = _convert_fails(
-        tmp_path, [TINY, str(tmp_path / "out"), "--init", "random", "--ema"], capsys
+    line = cli_error_line(
+        [*CONVERT, TINY, str(tmp_path / "out"), "--init", "random", "--ema"],
+        capsys,
+        unchanged=tmp_path,
     )
     assert "--checkpoint" in line

@@ -25,9 +25,8 @@ from deit_port.mapping import timm_to_hf
 from deit_port.parity import parity_inputs, synthetic_image
 from deit_port.source import load_timm_model
 
-from .util import assert_state_dicts_equal, model_output, random_timm_model, run_python
+from .util import TINY, assert_state_dicts_equal, model_output, random_timm_model, run_python
 
-TINY = "deit_tiny_patch16_224"
 ATOL = 1e-4  # float32 parity measured on these variants (the contract is 1e-3)
 
 

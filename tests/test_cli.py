@@ -4,14 +4,14 @@ import json
 import os
 
 import pytest
+import timm
 
 import deit_port.mapping
 from deit_port import cli
 from deit_port.mapping import timm_to_hf
 
-from .util import run_python
+from .util import TINY, TINY_DISTILLED, cli_error_line, one_error_line, run_python
 
-TINY = "deit_tiny_patch16_224"
 TINY_ARGS = ["--init", "random", "--seed", "1"]
 
 
@@ -34,7 +34,7 @@ def test_convert_random_writes_a_loadable_folder(tmp_path, capsys):
 
 def test_distilled_config_names_the_teacher_class(tmp_path):
     out = tmp_path / "out"
-    assert cli.main(["convert", "deit_tiny_distilled_patch16_224", str(out), *TINY_ARGS]) == 0
+    assert cli.main(["convert", TINY_DISTILLED, str(out), *TINY_ARGS]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["DeiTForImageClassificationWithTeacher"]
 
@@ -43,10 +43,8 @@ def test_non_empty_output_is_refused_and_left_alone(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert cli.main(["convert", TINY, str(out), *TINY_ARGS]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--overwrite" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    line = cli_error_line(["convert", TINY, str(out), *TINY_ARGS], capsys, unchanged=tmp_path)
+    assert "--overwrite" in line
 
 
 def test_overwrite_replaces_the_whole_folder(tmp_path):
@@ -63,16 +61,15 @@ def test_overwrite_replaces_the_whole_folder(tmp_path):
 
 
 def test_unknown_model_suggests_names(capsys, tmp_path):
-    assert cli.main(["convert", "deit_tiny_patch16_244", str(tmp_path / "o"), *TINY_ARGS]) == 2
-    err = capsys.readouterr().err
-    assert "unknown timm model" in err and "deit_tiny_patch16_224" in err
-    assert not (tmp_path / "o").exists()
+    argv = ["convert", "deit_tiny_patch16_244", str(tmp_path / "o"), *TINY_ARGS]
+    line = cli_error_line(argv, capsys, unchanged=tmp_path)
+    assert "unknown timm model" in line and "deit_tiny_patch16_224" in line
 
 
 def test_non_deit_model_is_refused(capsys, tmp_path):
-    assert cli.main(["convert", "resnet18", str(tmp_path / "o"), *TINY_ARGS]) == 2
-    assert "not a timm VisionTransformer" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    argv = ["convert", "resnet18", str(tmp_path / "o"), *TINY_ARGS]
+    line = cli_error_line(argv, capsys, unchanged=tmp_path)
+    assert "not a timm VisionTransformer" in line
 
 
 def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -86,10 +83,9 @@ def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys
         return sd
 
     monkeypatch.setattr(deit_port.mapping, "timm_to_hf", swapped_norms)
-    out = tmp_path / "out"
-    assert cli.main(["convert", TINY, str(out), *TINY_ARGS]) == 1
-    assert "parity FAIL" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    argv = ["convert", TINY, str(tmp_path / "out"), *TINY_ARGS]
+    line = cli_error_line(argv, capsys, code=1, unchanged=tmp_path)
+    assert "parity FAIL" in line
 
 
 def test_a_bug_keeps_its_traceback_and_exits_3(tmp_path, monkeypatch, capsys):
@@ -112,9 +108,9 @@ def test_pretrained_offline_fails_clearly_without_fallback(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
     r = run_python("-m", "deit_port.cli", "convert", TINY, str(out), env=env)
     assert r.returncode == 2, r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("deit-port: error: pretrained weights for deit_tiny_patch16_224")
-    assert "--init random" in last
+    line = one_error_line(r.stderr)
+    assert line.startswith("deit-port: error: pretrained weights for deit_tiny_patch16_224")
+    assert "--init random" in line
     assert not out.exists()
 
 
@@ -135,10 +131,13 @@ def test_seed_interface_runs_as_a_module(tmp_path):
     assert "parity PASS" in r.stdout
 
 
-def test_list_prints_every_deit_name(capsys):
+def test_list_prints_every_deit_name_timm_registers(capsys):
+    """One name a line, sorted: exactly timm's DeiT names (however many this timm has), among
+    them each family's (plain, distilled, DeiT III)."""
+    registered = timm.list_models("deit*")
+    assert {TINY, TINY_DISTILLED, "deit3_huge_patch14_224"} <= set(registered)
     assert cli.main(["list"]) == 0
-    names = capsys.readouterr().out.split()
-    assert len(names) == 16 and "deit3_huge_patch14_224" in names
+    assert capsys.readouterr().out.splitlines() == sorted(set(registered))
 
 
 @pytest.mark.parametrize("argv", [[], ["convert"], ["convert", TINY]])

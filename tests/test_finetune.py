@@ -21,11 +21,16 @@ from deit_port.parity import parity_inputs
 from deit_port.shapes import TensorShapes, pick_variant
 from deit_port.source import load_timm_model
 
-from .test_bad_input import _convert_fails
-from .util import ATOL_MEASURED, model_output, random_timm_model
+from .util import (
+    ATOL_MEASURED,
+    TINY,
+    TINY_DISTILLED,
+    cli_error_line,
+    model_output,
+    random_timm_model,
+)
 
-TINY = "deit_tiny_patch16_224"
-TINY_DISTILLED = "deit_tiny_distilled_patch16_224"
+CONVERT = ["-q", "convert"]
 DEIT3_SMALL = "deit3_small_patch16_224"
 
 
@@ -155,8 +160,10 @@ def test_auto_refuses_when_more_than_one_variant_fits():
 def test_auto_refuses_what_no_variant_fits(tmp_path, capsys):
     source = random_timm_model(TINY, seed=25, depth=2)
     ckpt = _save(source, tmp_path / "w.safetensors")
-    line = _convert_fails(
-        tmp_path, ["auto", str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys
+    line = cli_error_line(
+        [*CONVERT, "auto", str(tmp_path / "out"), "--checkpoint", str(ckpt)],
+        capsys,
+        unchanged=tmp_path,
     )
     assert "no registered DeiT fits the checkpoint (embed dim 192, depth 2)" in line
 
@@ -164,8 +171,8 @@ def test_auto_refuses_what_no_variant_fits(tmp_path, capsys):
 def test_a_flag_contradicting_the_checkpoint_is_one_line(tmp_path, capsys):
     source = random_timm_model(TINY, seed=26, num_classes=37)
     ckpt = _save(source, tmp_path / "w.pth", wrap="model")
-    argv = [TINY, str(tmp_path / "out"), "--checkpoint", str(ckpt), "--num-classes", "10"]
-    line = _convert_fails(tmp_path, argv, capsys)
+    argv = [*CONVERT, TINY, str(tmp_path / "out"), "--checkpoint", str(ckpt), "--num-classes", "10"]
+    line = cli_error_line(argv, capsys, unchanged=tmp_path)
     assert "--num-classes 10 contradicts the checkpoint: its head has 37 classes" in line
 
 
@@ -187,8 +194,10 @@ def test_a_flag_contradicting_the_checkpoint_is_one_line(tmp_path, capsys):
 )
 def test_a_checkpoint_of_another_variant_is_one_line(tmp_path, capsys, model, says):
     ckpt = _save(random_timm_model(TINY, seed=27), tmp_path / "w.safetensors")
-    line = _convert_fails(
-        tmp_path, [model, str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys
+    line = cli_error_line(
+        [*CONVERT, model, str(tmp_path / "out"), "--checkpoint", str(ckpt)],
+        capsys,
+        unchanged=tmp_path,
     )
     assert f"does not fit {model} {says}" in line
 
@@ -371,6 +380,7 @@ def test_head_on_a_model_without_distillation_head(tmp_path, capsys):
         "ViTForImageClassification"
     ]
     ckpt = _save(random_timm_model(TINY, seed=43), tmp_path / "w.safetensors")
-    argv = [TINY, str(tmp_path / "teacher"), "--checkpoint", str(ckpt), "--head", "teacher"]
-    line = _convert_fails(tmp_path, argv, capsys)
+    out = tmp_path / "teacher"
+    argv = [*CONVERT, TINY, str(out), "--checkpoint", str(ckpt), "--head", "teacher"]
+    line = cli_error_line(argv, capsys, unchanged=tmp_path)
     assert "--head teacher: the model is not distilled" in line

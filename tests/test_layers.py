@@ -16,9 +16,8 @@ from deit_port import cli
 from deit_port.convert import convert_timm_model
 from deit_port.parity import DEFAULT_ATOL, check_parity, parity_inputs
 
-from .util import random_timm_model
+from .util import TINY, TINY_DISTILLED, nothing_written, one_error_line, random_timm_model
 
-TINY = "deit_tiny_patch16_224"
 SEED = 11
 RANDOM = ["--init", "random", "--seed", str(SEED)]
 DEPTH = 12  # deit_tiny_patch16_224
@@ -53,12 +52,6 @@ def _table(out: str) -> dict[str, tuple[float, float, bool]]:
     return rows
 
 
-def _one_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("deit-port: error: "), err
-    return lines[0]
-
-
 def test_verify_layers_prints_every_stage(shared, capsys):
     source = ["--checkpoint", str(shared.checkpoint)]
     assert cli.main(["verify", str(shared.folder), TINY, *source, "--layers", "-q"]) == 0
@@ -81,7 +74,8 @@ def test_swapped_mlp_of_blocks_5_and_6_first_diverges_at_block_5(shared, tmp_pat
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
 
     source = ["--checkpoint", str(shared.checkpoint)]
-    assert cli.main(["verify", str(broken), TINY, *source, "--layers", "-q"]) == 1
+    with nothing_written(tmp_path):
+        assert cli.main(["verify", str(broken), TINY, *source, "--layers", "-q"]) == 1
     captured = capsys.readouterr()
     rows = _table(captured.out)
     assert list(rows) == STAGES, captured.out
@@ -93,7 +87,7 @@ def test_swapped_mlp_of_blocks_5_and_6_first_diverges_at_block_5(shared, tmp_pat
     assert re.search(
         r"parity FAIL: .*; first divergence: block 5 output, max \|diff\| \S+", captured.out
     ), captured.out
-    assert "first divergence: block 5 output" in _one_error(captured.err)
+    assert "first divergence: block 5 output" in one_error_line(captured.err)
 
 
 @pytest.mark.parametrize("variant", [TINY])
@@ -120,17 +114,16 @@ def test_convert_layers_names_the_first_divergence_and_writes_nothing(
         return hf
 
     monkeypatch.setattr(deit_port.mapping, "timm_to_hf", wrong)
-    out = tmp_path / "hf"
-    assert cli.main(["convert", variant, str(out), *RANDOM, "--layers", "-q"]) == 1
+    with nothing_written(tmp_path):
+        assert cli.main(["convert", variant, str(tmp_path / "hf"), *RANDOM, "--layers", "-q"]) == 1
     captured = capsys.readouterr()
     assert [s for s, row in _table(captured.out).items() if row[2]] == ["block 3 output"]
-    assert "first divergence: block 3 output" in _one_error(captured.err)
-    assert not out.exists() and not list(tmp_path.iterdir())
+    assert "first divergence: block 3 output" in one_error_line(captured.err)
 
 
 @pytest.mark.parametrize("variant", [TINY])
 def test_layers_and_no_verify_exclude_each_other(variant, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
+    with nothing_written(tmp_path), pytest.raises(SystemExit) as exc:
         cli.main(["convert", variant, str(tmp_path / "hf"), *RANDOM, "--layers", "--no-verify"])
     assert exc.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
@@ -140,11 +133,7 @@ def test_layers_and_no_verify_exclude_each_other(variant, tmp_path, capsys):
     "variant, tokens",
     [
         pytest.param("deit3_small_patch16_224", ["class token"], id="deit3_small_patch16_224"),
-        pytest.param(
-            "deit_tiny_distilled_patch16_224",
-            ["class token", "distillation token"],
-            id="deit_tiny_distilled_patch16_224",
-        ),
+        pytest.param(TINY_DISTILLED, ["class token", "distillation token"], id=TINY_DISTILLED),
     ],
 )
 def test_stages_of_each_family(variant, tokens):

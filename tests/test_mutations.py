@@ -31,14 +31,17 @@ from deit_port.convert import ArchSpec, build_config, timm_to_hf
 from deit_port.io import load_hf_state_dict
 from deit_port.parity import ParityReport, check_parity, parity_inputs
 
-from .util import ATOL_CONTRACT, ATOL_MEASURED, model_output, random_timm_model
+from .util import (
+    ATOL_CONTRACT,
+    ATOL_MEASURED,
+    TINY,
+    TINY_DISTILLED,
+    model_output,
+    random_timm_model,
+)
 
 SEED = 5
-DEIT, DISTILLED, DEIT3 = (
-    "deit_tiny_patch16_224",
-    "deit_tiny_distilled_patch16_224",
-    "deit3_small_patch16_224",
-)
+DEIT, DISTILLED, DEIT3 = TINY, TINY_DISTILLED, "deit3_small_patch16_224"
 
 
 @dataclass

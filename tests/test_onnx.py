@@ -26,22 +26,28 @@ from deit_port.errors import ParityError
 from deit_port.onnx_export import export_onnx
 from deit_port.parity import parity_inputs
 
-from .util import ATOL_MEASURED, model_output, random_timm_model
+from .util import (
+    ATOL_MEASURED,
+    TINY,
+    TINY_DISTILLED,
+    cli_error_line,
+    model_output,
+    random_timm_model,
+)
 
 SEED = 31
-TINY = "deit_tiny_patch16_224"
 RANDOM = ["--init", "random", "--seed", str(SEED)]
 EXTRA_HINT = "pip install 'deit-port[onnx]'"
 
 # (id, timm name, model kwargs): depth 2 keeps each export near 4 s
 CASES = {
-    "deit_tiny_patch16_224": (TINY, {"depth": 2}),
-    "deit_tiny_distilled_patch16_224": ("deit_tiny_distilled_patch16_224", {"depth": 2}),
+    TINY: (TINY, {"depth": 2}),
+    TINY_DISTILLED: (TINY_DISTILLED, {"depth": 2}),
     "deit3_small_patch16_224": ("deit3_small_patch16_224", {"depth": 2}),
-    "deit_tiny_patch16_224-headless": (TINY, {"depth": 2, "num_classes": 0}),
+    f"{TINY}-headless": (TINY, {"depth": 2, "num_classes": 0}),
     "deit_base_patch16_224": ("deit_base_patch16_224", {}),
 }
-FAST = ["deit_tiny_patch16_224"]
+FAST = [TINY]
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +157,6 @@ def tiny_folder(tiny):
     return tiny.folder
 
 
-def _one_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("deit-port: error: "), err
-    return lines[0]
-
-
 def _left(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
@@ -191,11 +191,9 @@ def test_cli_parity_failure_exits_1_and_writes_nothing(tiny_folder, ort, tmp_pat
     """The folder holds the shared model's weights; timm's seed 32 model is another model."""
     out = tmp_path / "m.onnx"
     other = ["--init", "random", "--seed", str(SEED + 1)]
-    assert cli.main(["export-onnx", str(tiny_folder), str(out), TINY, *other, "-q"]) == 1
-    captured = capsys.readouterr()
-    error = _one_error(captured.err)
+    argv = ["export-onnx", str(tiny_folder), str(out), TINY, *other, "-q"]
+    error = cli_error_line(argv, capsys, code=1, unchanged=tmp_path)
     assert "ONNX parity FAIL: transformers vs timm" in error and "nothing was written" in error
-    assert _left(tmp_path) == []
 
 
 @pytest.mark.parametrize("case", [TINY])
@@ -251,10 +249,9 @@ def test_weights_beside_the_file_are_published_too(case, exported, tmp_path, mon
 def test_without_the_extra_it_says_which_to_install(tiny_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
     out = tmp_path / "m.onnx"
-    assert cli.main(["export-onnx", str(tiny_folder), str(out), TINY, *RANDOM, "-q"]) == 2
-    error = _one_error(capsys.readouterr().err)
+    argv = ["export-onnx", str(tiny_folder), str(out), TINY, *RANDOM, "-q"]
+    error = cli_error_line(argv, capsys, unchanged=tmp_path)
     assert "onnxruntime" in error and EXTRA_HINT in error, error
-    assert _left(tmp_path) == []
 
 
 @pytest.mark.parametrize(
@@ -272,12 +269,13 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_folder, ort, tmp_path, capsys
     existing.write_bytes(b"mine")
     paths = {"out": tmp_path / "m.onnx", "existing": existing}
     argv = [a.format(**paths) for a in args]
-    assert cli.main(["export-onnx", str(tiny_folder), *argv, "-q"]) == 2
-    assert message in _one_error(capsys.readouterr().err)
-    assert _left(tmp_path) == ["old.onnx"] and existing.read_bytes() == b"mine"
+    error = cli_error_line(
+        ["export-onnx", str(tiny_folder), *argv, "-q"], capsys, unchanged=tmp_path
+    )
+    assert message in error
 
 
 def test_not_a_model_folder_exits_2(ort, tmp_path, capsys):
-    assert cli.main(["export-onnx", str(tmp_path), str(tmp_path / "m.onnx"), "-q"]) == 2
-    assert "not a transformers model folder" in _one_error(capsys.readouterr().err)
-    assert _left(tmp_path) == []
+    argv = ["export-onnx", str(tmp_path), str(tmp_path / "m.onnx"), "-q"]
+    error = cli_error_line(argv, capsys, unchanged=tmp_path)
+    assert "not a transformers model folder" in error

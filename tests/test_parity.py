@@ -16,6 +16,8 @@ from .util import (
     ATOL_CONTRACT,
     ATOL_MEASURED,
     DEVICE,
+    TINY,
+    TINY_DISTILLED,
     assert_state_dicts_equal,
     model_output,
     random_timm_model,
@@ -72,7 +74,7 @@ def test_variant_parity(variant, converted_variant, record_property):
     _assert_outputs(converted.expected, hf_model, converted.inputs, record_property, variant)
 
 
-@pytest.mark.parametrize("variant", variant_params(["deit_tiny_patch16_224"]))
+@pytest.mark.parametrize("variant", variant_params([TINY]))
 def test_shared_conversion_is_of_the_seeded_model(variant, converted_variant):
     """The shared artefact holds what it claims: its checkpoint is `random_timm_model(variant,
     SEED)` bit for bit, its inputs are `parity_inputs` of it, its expected outputs are that
@@ -91,7 +93,7 @@ def test_shared_conversion_is_of_the_seeded_model(variant, converted_variant):
 
 @pytest.mark.parametrize(
     "variant",
-    ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "deit3_small_patch16_224"],
+    [TINY, TINY_DISTILLED, "deit3_small_patch16_224"],
 )
 def test_custom_finetune_parity(variant, tmp_path, record_property):
     """A fine-tune with its own classes and resolution: timm num_classes=37, img_size=160."""
@@ -113,8 +115,8 @@ def test_custom_finetune_parity(variant, tmp_path, record_property):
 @pytest.mark.parametrize(
     "variant, hf_class",
     [
-        ("deit_tiny_patch16_224", ViTModel),
-        ("deit_tiny_distilled_patch16_224", DeiTModel),
+        (TINY, ViTModel),
+        (TINY_DISTILLED, DeiTModel),
         ("deit3_small_patch16_224", ViTModel),
     ],
 )

@@ -38,10 +38,18 @@ from deit_port.preprocess import (
 )
 from deit_port.tolerances import PIL_ATOL
 
-from .util import ATOL_CONTRACT, ATOL_MEASURED, DEVICE, FAST_VARIANTS, MODEL_IMAGES, sample_images
+from .util import (
+    ATOL_CONTRACT,
+    ATOL_MEASURED,
+    DEVICE,
+    FAST_VARIANTS,
+    MODEL_IMAGES,
+    TINY,
+    cli_error_line,
+    sample_images,
+)
 from .variants import variant_params
 
-TINY = "deit_tiny_patch16_224"
 TINY_ARGS = ["--init", "random", "--seed", "1"]
 
 # Measured bounds of the default (torchvision) backend on the images below, see docs/measurements.md
@@ -329,10 +337,9 @@ def test_convert_refuses_a_processor_that_differs_from_timm(tmp_path, monkeypatc
         Path(folder, "preprocessor_config.json").write_text(json.dumps(HUB_CONFIGS["converter"]))
 
     monkeypatch.setattr(deit_port.preprocess, "save_preprocessor", hub_preprocessor)
-    assert cli.main(["convert", TINY, str(tmp_path / "out"), *TINY_ARGS]) == 1
-    err = capsys.readouterr().err
-    assert "preprocessing FAIL" in err and "image_mean" in err
-    assert list(tmp_path.iterdir()) == []
+    argv = ["convert", TINY, str(tmp_path / "out"), *TINY_ARGS]
+    line = cli_error_line(argv, capsys, code=1, unchanged=tmp_path)
+    assert "preprocessing FAIL" in line and "image_mean" in line
 
 
 @pytest.mark.parametrize("variant", sorted(FAST_VARIANTS))
@@ -447,12 +454,9 @@ def test_image_from_file_and_url_join_the_parity_batch(tmp_path, server, monkeyp
 )
 def test_bad_image_exits_2_and_writes_nothing(tmp_path, server, capsys, source, message):
     src = f"{server}{source}" if source.startswith("/") else str(tmp_path / source)
-    out = tmp_path / "out"
-    assert cli.main(["convert", TINY, str(out), *TINY_ARGS, "--image", src]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("deit-port: error: ") and message in err and src in err
-    assert not out.exists()
+    argv = ["convert", TINY, str(tmp_path / "out"), *TINY_ARGS, "--image", src]
+    line = cli_error_line(argv, capsys, unchanged=tmp_path)
+    assert message in line and src in line
 
 
 def test_load_image_limits(server):

@@ -16,14 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 import deit_port.io
-from deit_port import cli
 from deit_port.errors import OutputError
 from deit_port.io import atomic_file, atomic_folder
 from deit_port.mapping import hf_to_timm
 
-from .util import dead_pid, random_timm_model
-
-TINY = "deit_tiny_patch16_224"
+from .util import TINY, cli_error_line, dead_pid, one_error_line, random_timm_model
 
 
 def _leftovers(root) -> list[str]:
@@ -169,10 +166,9 @@ def test_convert_loses_to_a_folder_that_appeared_meanwhile(tmp_path, capsys, mon
         _theirs(out, folder=True)
 
     monkeypatch.setattr(deit_port.io, "save_hf_folder", save_while_another_run_publishes)
-    code = cli.main(["-q", "convert", TINY, str(out), "--init", "random", "--no-verify"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and "appeared while converting" in err[0], err
+    argv = ["-q", "convert", TINY, str(out), "--init", "random", "--no-verify"]
+    line = cli_error_line(argv, capsys, unchanged=None)  # the other run's folder appears
+    assert "appeared while converting" in line
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     assert (out / "config.json").read_text() == "the other run's"
     assert _leftovers(tmp_path) == []
@@ -210,9 +206,7 @@ def test_two_converts_into_one_new_folder_one_wins_intact(tmp_path):
     assert codes == [0, 2], results
     (winner,) = [seed for seed, (code, _) in zip(seeds, results) if code == 0]
     (err,) = [err for code, err in results if code == 2]
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("deit-port: error: "), err
-    assert "--overwrite" in lines[0], err
+    assert "--overwrite" in one_error_line(err)
 
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .util import random_timm_model
+from .util import TINY, random_timm_model
 
 
 def test_every_parameter_is_perturbed():
@@ -22,9 +22,9 @@ def test_every_parameter_is_perturbed():
 
 
 def test_randomization_is_seeded():
-    a = random_timm_model("deit_tiny_patch16_224", seed=5, depth=1).state_dict()
-    b = random_timm_model("deit_tiny_patch16_224", seed=5, depth=1).state_dict()
-    c = random_timm_model("deit_tiny_patch16_224", seed=6, depth=1).state_dict()
+    a = random_timm_model(TINY, seed=5, depth=1).state_dict()
+    b = random_timm_model(TINY, seed=5, depth=1).state_dict()
+    c = random_timm_model(TINY, seed=6, depth=1).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any(torch.equal(a[k], c[k]) for k in a)
 

@@ -21,7 +21,7 @@ from PIL import Image
 from deit_port import cli
 from deit_port.preprocess import load_image_processor
 
-from .util import ATOL_MEASURED
+from .util import ATOL_MEASURED, TINY
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "train_convert_pipeline.py"
 MIN_ACCURACY = 0.5  # 10 classes: chance is 10%
@@ -35,7 +35,7 @@ def _example():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["deit_tiny_patch16_224"])
+@pytest.mark.parametrize("variant", [TINY])
 def test_trained_on_digits_converted_and_classified_by_the_pipeline(
     tmp_path, record_property, variant
 ):

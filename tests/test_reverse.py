@@ -27,7 +27,15 @@ from deit_port.convert import convert_deit_checkpoint
 from deit_port.mapping import hf_to_timm
 from deit_port.parity import parity_inputs
 
-from .util import ATOL_MEASURED, assert_state_dicts_equal, model_output, random_timm_model
+from .util import (
+    ATOL_MEASURED,
+    TINY,
+    TINY_DISTILLED,
+    assert_state_dicts_equal,
+    cli_error_line,
+    model_output,
+    random_timm_model,
+)
 
 SEED = 11
 SMALL = {"num_classes": 10, "img_size": 64}  # 16 patches: fast, and not the names' defaults
@@ -70,18 +78,21 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+def _to_timm_argv(*args) -> list[str]:
+    """`deit-port -q to-timm ARGS...`."""
+    return ["-q", "to-timm", *map(str, args)]
+
+
 def _to_timm(*args) -> int:
-    return cli.main(["-q", "to-timm", *map(str, args)])
+    return cli.main(_to_timm_argv(*args))
 
 
 @pytest.mark.parametrize(
     "variant, kwargs",
     [
-        pytest.param("deit_tiny_patch16_224", {}, id="deit_tiny"),
-        pytest.param("deit_tiny_distilled_patch16_224", SMALL, id="deit_tiny_distilled-10-classes"),
-        pytest.param(
-            "deit_tiny_patch16_224", SHALLOW | {"num_classes": 0}, id="deit_tiny-depth2-headless"
-        ),
+        pytest.param(TINY, {}, id="deit_tiny"),
+        pytest.param(TINY_DISTILLED, SMALL, id="deit_tiny_distilled-10-classes"),
+        pytest.param(TINY, SHALLOW | {"num_classes": 0}, id="deit_tiny-depth2-headless"),
     ],
 )
 def test_round_trip_gives_back_the_timm_model_bit_for_bit(
@@ -162,7 +173,7 @@ def test_a_native_transformers_vit_becomes_a_timm_model_with_kwargs(
     assert "parity PASS" in stdout and "embed_dim=48" in stdout and "norm_layer=functools" in stdout
 
     target = deit_port.reverse.timm_target(deit_port.io.read_hf_folder(tmp_path / "vit")[2])
-    assert target.name == "deit_tiny_patch16_224"
+    assert target.name == TINY
     assert target.kwargs["embed_dim"] == 48 and target.kwargs["depth"] == 2
     loaded = target.create(out)
     assert loaded.norm.eps == 1e-12, "the config's eps must survive"
@@ -175,13 +186,10 @@ def test_a_native_transformers_vit_becomes_a_timm_model_with_kwargs(
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(folders, tmp_path, capsys):
-    hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)
+    hf_dir, _ = folders(TINY, **SHALLOW)
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"mine")
-    assert _to_timm(hf_dir, out) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--overwrite" in err
-    assert out.read_bytes() == b"mine"
+    assert "--overwrite" in cli_error_line(_to_timm_argv(hf_dir, out), capsys, unchanged=tmp_path)
     assert _to_timm(hf_dir, out, "--overwrite") == 0
     assert "head.weight" in load_file(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
@@ -189,7 +197,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(folders, tmp_pa
 
 def test_parity_failure_exits_1_and_writes_nothing(folders, tmp_path, capsys, monkeypatch):
     """A mapping that swaps query and key of block 0: the gate must stop it."""
-    hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)
+    hf_dir, _ = folders(TINY, **SHALLOW)
 
     def wrong_mapping(state_dict, spec):
         sd = hf_to_timm(state_dict, spec)
@@ -199,11 +207,8 @@ def test_parity_failure_exits_1_and_writes_nothing(folders, tmp_path, capsys, mo
         return sd
 
     monkeypatch.setattr(deit_port.mapping, "hf_to_timm", wrong_mapping)
-    out = tmp_path / "out.safetensors"
-    assert _to_timm(hf_dir, out) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "parity FAIL" in err
-    assert list(tmp_path.iterdir()) == [], "something was written"
+    argv = _to_timm_argv(hf_dir, tmp_path / "out.safetensors")
+    assert "parity FAIL" in cli_error_line(argv, capsys, code=1, unchanged=tmp_path)
 
 
 def _bad_folder(tmp_path, what):
@@ -251,32 +256,27 @@ def _bad_folder(tmp_path, what):
 )
 def test_bad_input_exits_2_with_one_line(what, args, message, tmp_path, capsys):
     folder = _bad_folder(tmp_path, what)
-    out = tmp_path / "out.safetensors"
-    assert _to_timm(folder, out, *args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert message in err
-    assert not out.exists()
+    argv = _to_timm_argv(folder, tmp_path / "out.safetensors", *args)
+    assert message in cli_error_line(argv, capsys, unchanged=tmp_path)
 
 
 @pytest.mark.parametrize(
     "name, message", [("out.pth", "must end in .safetensors"), ("dir.safetensors", "is a folder")]
 )
 def test_bad_output_names_exit_2(name, message, folders, tmp_path, capsys):
-    hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)
+    hf_dir, _ = folders(TINY, **SHALLOW)
     out = tmp_path / name
     if name.startswith("dir"):
         out.mkdir()
-    assert _to_timm(hf_dir, out) == 2
-    assert message in capsys.readouterr().err
+    assert message in cli_error_line(_to_timm_argv(hf_dir, out), capsys, unchanged=tmp_path)
 
 
 def test_sharded_folder_is_read_through_its_index(folders, tmp_path):
     """A folder in shards (`model.safetensors.index.json`) reads as the single file does."""
-    hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)
+    hf_dir, _ = folders(TINY, **SHALLOW)
     sharded = tmp_path / "sharded"
     convert_deit_checkpoint(
-        "deit_tiny_patch16_224",
+        TINY,
         sharded,
         init="random",
         seed=SEED,
@@ -294,7 +294,7 @@ def test_sharded_folder_is_read_through_its_index(folders, tmp_path):
 def test_output_that_appears_meanwhile_is_not_replaced(folders, tmp_path, capsys, monkeypatch):
     """Another run publishes the file while this one writes and checks: exit 2, one line, the
     other run's file untouched, nothing left (tests/test_race.py has the mechanism's tests)."""
-    hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)  # before the patch below
+    hf_dir, _ = folders(TINY, **SHALLOW)  # before the patch below
     out = tmp_path / "out.safetensors"
     real = safetensors.torch.save_file
 
@@ -303,15 +303,14 @@ def test_output_that_appears_meanwhile_is_not_replaced(folders, tmp_path, capsys
         out.write_bytes(b"the other run's")
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_while_another_run_publishes)
-    assert _to_timm(hf_dir, out) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "appeared while converting" in err, err
+    line = cli_error_line(_to_timm_argv(hf_dir, out), capsys, unchanged=None)  # theirs appears
+    assert "appeared while converting" in line
     assert out.read_bytes() == b"the other run's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
 
 
 def test_progress_gets_the_steps_in_order(folders, tmp_path):
-    hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)
+    hf_dir, _ = folders(TINY, **SHALLOW)
     steps = []
     deit_port.reverse.convert_hf_folder(hf_dir, tmp_path / "out.safetensors", progress=steps.append)
     assert steps == ["reading", "writing", "loading in timm", "verifying"]
@@ -325,7 +324,7 @@ class _Terminal(io.StringIO):
 def test_progress_bar_moves_on_a_terminal(folders, tmp_path, monkeypatch):
     """The bar `to-timm` shows counts its own steps (it stayed at 0% when the callback was
     dropped)."""
-    hf_dir, _ = folders("deit_tiny_patch16_224", **SHALLOW)
+    hf_dir, _ = folders(TINY, **SHALLOW)
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     assert cli.main(["to-timm", str(hf_dir), str(tmp_path / "out.safetensors")]) == 0

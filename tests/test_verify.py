@@ -12,6 +12,7 @@ import sys
 import termios
 import threading
 import time
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -26,9 +27,16 @@ from deit_port import cli
 from deit_port.convert import convert_deit_checkpoint, verify_hf_folder
 from deit_port.parity import parity_inputs
 
-from .util import model_output, random_timm_model
+from .util import (
+    TINY,
+    TINY_DISTILLED,
+    cli_error_line,
+    model_output,
+    nothing_written,
+    one_error_line,
+    random_timm_model,
+)
 
-TINY = "deit_tiny_patch16_224"
 SEED = 5
 RANDOM = ["--init", "random", "--seed", str(SEED)]
 SUMMARY = re.compile(r"max \|diff\| ([^\s,]+), mean \|diff\| ([^\s,]+).*\(atol ([^\s)]+)\)")
@@ -53,12 +61,6 @@ def half_folder(tmp_path_factory):
     return out
 
 
-def _one_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("deit-port: error: "), err
-    return lines[0]
-
-
 # --- verify --------------------------------------------------------------------------------
 
 
@@ -69,10 +71,11 @@ def test_verify_passes_on_the_same_weights(folder, capsys):
 
 
 def test_verify_fails_on_other_weights(folder, capsys):
-    assert cli.main(["verify", str(folder), TINY, "--init", "random", "--seed", "6", "-q"]) == 1
+    with nothing_written(folder):
+        assert cli.main(["verify", str(folder), TINY, "--init", "random", "--seed", "6", "-q"]) == 1
     captured = capsys.readouterr()
     assert "parity FAIL" in captured.out
-    assert "does not compute what timm's" in _one_error(captured.err)
+    assert "does not compute what timm's" in one_error_line(captured.err)
 
 
 def test_verify_against_a_checkpoint(folder, timm_model, tmp_path, capsys):
@@ -89,9 +92,8 @@ def test_verify_bad_input_exits_2(folder, tmp_path, capsys, what):
         (tmp_path / "empty").mkdir()
         args[0] = str(tmp_path / "empty")
     elif what == "other-architecture":
-        args = [str(folder), "deit_tiny_distilled_patch16_224", *RANDOM]
-    assert cli.main(["verify", *args, "-q"]) == 2
-    line = _one_error(capsys.readouterr().err)
+        args = [str(folder), TINY_DISTILLED, *RANDOM]
+    line = cli_error_line(["verify", *args, "-q"], capsys, unchanged=Path(args[0]))
     if what == "other-architecture":
         assert "does not match the architecture" in line
     else:

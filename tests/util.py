@@ -1,9 +1,13 @@
 """Helpers shared by the tests (not part of deit_port)."""
 
+import contextlib
 import functools
+import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -11,6 +15,7 @@ import torch
 from PIL import Image
 from timm.layers import LayerNorm
 
+from deit_port import cli
 from deit_port.arch import ArchSpec
 from deit_port.parity import synthetic_image
 from deit_port.registry import build_on_meta
@@ -18,13 +23,13 @@ from deit_port.source import randomize_
 
 DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
 
+# The variants most tests convert: the smallest DeiT, and its distilled sibling.
+TINY = "deit_tiny_patch16_224"
+TINY_DISTILLED = "deit_tiny_distilled_patch16_224"
+
 # Every DeiT architecture timm registers, sorted; the tests parametrize over this list.
 DEIT_VARIANTS = sorted(timm.list_models("deit*"))
-FAST_VARIANTS = {
-    "deit_tiny_patch16_224",
-    "deit_tiny_distilled_patch16_224",
-    "deit3_small_patch16_224",
-}
+FAST_VARIANTS = {TINY, TINY_DISTILLED, "deit3_small_patch16_224"}
 
 # The contract, and how much tighter the conversion really is (measured: docs/parity-variants.md).
 ATOL_CONTRACT = 1e-3
@@ -164,3 +169,72 @@ def dead_pid() -> int:
     r = run_python("-c", "import os; print(os.getpid())", timeout=120)
     assert r.returncode == 0, r.stderr
     return int(r.stdout)
+
+
+# --- "one-line error, exit code N, nothing written" ---------------------------------------
+
+ERROR_PREFIX = "deit-port: error: "
+
+
+def one_error_line(err: str) -> str:
+    """Assert that `err` (the whole of a run's stderr) is exactly one line, ended by a newline,
+    that starts with `deit-port: error: `; return that line (without its newline)."""
+    lines = err.splitlines(keepends=True)
+    assert len(lines) == 1 and lines[0].endswith("\n"), f"not exactly one line: {err!r}"
+    assert lines[0].startswith(ERROR_PREFIX), f"not a deit-port error: {err!r}"
+    return lines[0].removesuffix("\n")
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """`root` and every path under it -> what it is: "absent", "dir", "link to TARGET", or the
+    sha256 of a file's bytes. Symbolic links are not followed."""
+    if not root.exists() and not root.is_symlink():
+        return {".": "absent"}
+    tree = {}
+    for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            tree[rel] = f"link to {os.readlink(p)}"
+        elif p.is_dir():
+            tree[rel] = "dir"
+        else:
+            tree[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return tree
+
+
+def _assert_same_tree(root: Path, before: dict[str, str]) -> None:
+    after = _tree(root)
+    assert after == before, (
+        f"something was written or lost at {root}: "
+        f"added {sorted(after.keys() - before.keys())}, "
+        f"removed {sorted(before.keys() - after.keys())}, "
+        f"changed {sorted(k for k in before.keys() & after.keys() if before[k] != after[k])}"
+    )
+
+
+@contextlib.contextmanager
+def nothing_written(root: Path) -> Iterator[None]:
+    """Assert that the block writes, changes and removes nothing at or under `root` (a folder,
+    a file, or a path that must stay absent): every file keeps its bytes, no path is added or
+    removed."""
+    before = _tree(root)
+    yield
+    _assert_same_tree(root, before)
+
+
+def cli_error_line(argv: Sequence[str], capsys, *, code: int = 2, unchanged: Path | None) -> str:
+    """Run `deit-port ARGV` in this process; assert that it exits with `code` (2: bad input,
+    1: a parity failure), that its stderr is exactly one line, `deit-port: error: ...`
+    (`one_error_line`), and that it wrote nothing at or under `unchanged` (`nothing_written`;
+    `None` only where the test checks what is left itself, e.g. a race another run writes in).
+
+    Returns the error line. The run's stdout is read with it and dropped: a test that checks
+    stdout too runs `cli.main` under `nothing_written` and reads `capsys` itself."""
+    before = _tree(unchanged) if unchanged is not None else None
+    returned = cli.main(list(argv))
+    err = capsys.readouterr().err
+    assert returned == code, f"exit {returned}, not {code}: {err!r}"
+    line = one_error_line(err)
+    if unchanged is not None:
+        _assert_same_tree(unchanged, before)
+    return line
