@@ -368,11 +368,10 @@ def read_folder_config(folder: str | os.PathLike) -> dict:
             object.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise BadInputError(f"{folder} is not a folder: give a transformers model folder")
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise BadInputError(f"{folder} is not a transformers model folder (no {CONFIG_FILE})")
+        what = f"no {CONFIG_FILE}" if folder.is_dir() else f"not a folder, no {CONFIG_FILE}"
+        raise BadInputError(f"{folder} is not a transformers model folder ({what})")
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
