@@ -32,7 +32,6 @@ from torch import nn
 from . import io, mapping, memory, parity, preprocess
 from .arch import ArchSpec, with_head
 from .card import write_model_card
-from .checkpoint import remap_state_dict
 from .errors import ParityError, PreprocessingError
 from .hf_config import build_config
 from .progress import Steps
@@ -150,9 +149,8 @@ def convert_deit_checkpoint(
     source = timm_source(
         deit_name, init=init, seed=seed, model_kwargs=model_kwargs, checkpoint=checkpoint, ema=ema
     )
-    timm_model, ckpt = source.model, source.checkpoint
+    timm_model = source.model
     card = {"timm_name": source.name, "source": source.weights, "notes": source.notes}
-    del source  # the model and the checkpoint are freed below, as soon as they are not needed
     spec = with_head(ArchSpec.from_timm(timm_model), head)
     config = build_config(spec, labels)
     batch = [parity.synthetic_image(0), *(images or [])]
@@ -162,8 +160,8 @@ def convert_deit_checkpoint(
         reference = _timm_reference(timm_model, spec, batch, layers)
 
     step("converting")
-    weights = remap_state_dict(ckpt) if ckpt is not None else None
-    del ckpt  # its tensors are the timm model's now; `weights` maps its file afresh
+    weights = source.mapped_again()
+    del source  # its checkpoint's tensors are the timm model's, freed below when not needed
     state_dict = _hf_state_dict(timm_model, weights, spec)
     del weights
     exact = None
@@ -287,8 +285,8 @@ def _hf_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The transformers state dict of `timm_model`.
 
-    `weights`, where given, are the model's checkpoint mapped afresh (`remap_state_dict`:
-    writing from pages nothing has read is faster). Where timm loaded them unchanged, they are
+    `weights`, where given, are the model's checkpoint mapped afresh (`mapped_again`: writing
+    from pages nothing has read is faster). Where timm loaded them unchanged, they are
     what is mapped: the timm model lets its own map go (to the meta device: its structure, and
     with it its data config, stay), and the pages of tensors the mapping replaced (DeiT III's
     folded ones) are handed back once read (`memory.release_pages`).

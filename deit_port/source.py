@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, read_checkpoint, remap_state_dict
 from .errors import BadInputError, CheckpointError, WeightsUnavailableError, first_line
 from .mapping import check_state_dict, timm_shapes
 from .registry import build_on_meta, create_without_weights, resolve_model_name
@@ -68,6 +68,11 @@ class TimmSource:
     weights: str
     notes: tuple[str, ...] = ()
     checkpoint: Checkpoint | None = field(default=None, repr=False)
+
+    def mapped_again(self) -> dict[str, torch.Tensor] | None:
+        """The checkpoint's tensors through a fresh map of its file, for writing them
+        (`checkpoint.remap_state_dict`); None without a checkpoint or where it is not mapped."""
+        return None if self.checkpoint is None else remap_state_dict(self.checkpoint)
 
 
 def timm_source(
