@@ -12,7 +12,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,20 +22,23 @@ from typing import Any
 import torch
 
 from .arch import ArchSpec
-from .errors import BadInputError, KeyMismatchError, OutputError, first_line
+from .errors import BadInputError, DeitPortError, KeyMismatchError, OutputError, first_line
 from .hf_config import hf_model_class
 from .versions import transformers_major
 
 __all__ = [
     "CONFIG_FILE",
     "DTYPES",
+    "SPACE_MARGIN",
     "atomic_file",
     "atomic_folder",
+    "check_free_space",
     "check_output_dir",
     "check_output_file",
     "dtype_key",
     "float32_kwargs",
     "folder_dtype",
+    "hf_folder_size",
     "load_hf_folder",
     "load_hf_state_dict",
     "publish_permissions",
@@ -41,6 +46,7 @@ __all__ = [
     "read_hf_folder",
     "resolve_dtype",
     "save_hf_folder",
+    "write_error_cause",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,14 +92,25 @@ def check_output_dir(
         raise OutputError(f"output {out} is an existing file; give a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    _check_parent(out)
+    return out
+
+
+def _check_parent(out: Path) -> None:
+    """The nearest existing folder above `out` (where the hidden work folder goes) is a
+    writable folder on a writable file system."""
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"cannot write {out}: {parent} is a file, not a folder")
+            if os.statvfs(parent).f_flag & os.ST_RDONLY:  # access() would say EROFS as EACCES
+                raise OutputError(
+                    f"cannot write {out}: {parent} is on a read-only file system; give an output "
+                    "on a writable disk"
+                )
             if not os.access(parent, os.W_OK | os.X_OK):  # root passes; mkdtemp then fails
                 raise OutputError(f"cannot write {out}: no permission to write in {parent}")
-            break
-    return out
+            return
 
 
 @contextlib.contextmanager
@@ -101,6 +118,9 @@ def atomic_folder(
     output_dir: str | os.PathLike,
     overwrite: bool = False,
     protect: Sequence[str | os.PathLike] = (),
+    *,
+    size: int | None = None,
+    files: int = 1,
 ) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `output_dir`; publish it there on success.
 
@@ -111,14 +131,20 @@ def atomic_folder(
     killed mid-write leaves only a hidden `.NAME.PID.*.partial` folder, never `output_dir`;
     the next run removes such leftovers of dead processes.
 
+    Given `size` (the bytes the folder will hold, in `files` files), the free space is checked
+    first (`check_free_space`), after those leftovers are removed.
+
     Raises:
-        OutputError: as `check_output_dir`; `output_dir` was filled meanwhile (another run?)
-            and `overwrite` is off; or the folder cannot be written (no permission, disk
-            full, ...): the message gives the reason, nothing is left behind.
+        OutputError: as `check_output_dir` and `check_free_space`; `output_dir` was filled
+            meanwhile (another run?) and `overwrite` is off; or the folder cannot be written
+            (no permission, disk full, ...: `write_error_cause`): the message gives the
+            reason, nothing is left behind.
     """
     with contextlib.suppress(OSError):  # before the check: an earlier output may come back
         _remove_stale(Path(output_dir).absolute())
     out = check_output_dir(output_dir, overwrite, protect)
+    if size is not None:
+        check_free_space(out, size, files=files, folder=True)
     with _write_beside(out, overwrite, folder=True) as tmp:
         yield tmp
 
@@ -150,23 +176,34 @@ def check_output_file(
         raise OutputError(f"output {out} is a folder; give a file path")
     if os.path.lexists(out) and not overwrite:
         raise OutputError(f"output file {out} exists; pass --overwrite to replace it")
+    _check_parent(out)
     return out
 
 
 @contextlib.contextmanager
-def atomic_file(output_file: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_file(
+    output_file: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    size: int | None = None,
+    files: int = 1,
+) -> Iterator[Path]:
     """Yield a temporary path with `output_file`'s name, in a hidden folder beside it; publish
     the file written there on success. The same mechanism as `atomic_folder`: nothing is left
     on failure, a file that appeared meanwhile is replaced only with `overwrite`, leftovers
-    of killed runs are removed by the next run.
+    of killed runs are removed by the next run; given `size` (bytes, in `files` files: the
+    file and any written beside it), the free space is checked first.
 
     Raises:
-        OutputError: as `check_output_file`; `output_file` appeared meanwhile without
-            `overwrite`; or it cannot be written (the reason given, nothing left behind).
+        OutputError: as `check_output_file` and `check_free_space`; `output_file` appeared
+            meanwhile without `overwrite`; or it cannot be written (the reason given, nothing
+            left behind).
     """
     with contextlib.suppress(OSError):
         _remove_stale(Path(output_file).absolute())
     out = check_output_file(output_file, overwrite)
+    if size is not None:
+        check_free_space(out, size, files=files)
     with _write_beside(out, overwrite, folder=False) as tmp:
         yield tmp
 
@@ -178,24 +215,201 @@ def _write_beside(out: Path, overwrite: bool, folder: bool) -> Iterator[Path]:
     folder as that folder itself, or an output file as the file `NAME` inside it (so the file
     keeps its name and extension while it is checked). On success the work gets the modes a
     plain `mkdir`/`open` gives and is published by `_publish`; on any exception, and after
-    publishing, the `.partial` folder is removed."""
+    publishing, the `.partial` folder is removed. Publishing and removing run to their end
+    with SIGINT and SIGTERM held (`_signals_held`): a second Ctrl-C cannot cut them short.
+
+    A failed write (an `OSError`, or a library's error that carries the file system's:
+    `write_error_cause`) becomes one `OutputError`; any other exception passes unchanged."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = _hidden_folder_beside(out, ".partial")
     except OSError as e:
-        raise OutputError(f"cannot write beside {out}: {first_line(e)}") from e
+        raise OutputError(f"cannot write beside {out}: {_os_error_words(e)}") from e
     work = tmp if folder else tmp / out.name
     try:
         yield work
-        publish_permissions(work)
-        _publish(work, out, overwrite)
-    except OSError as e:
+    except BaseException as e:
+        with _signals_held():
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = write_error_cause(e) if isinstance(e, Exception) else None
+        if cause is None:
+            raise
+        raise _write_failed(out, cause) from e
+    with _signals_held():
+        try:
+            publish_permissions(work)
+            _publish(work, out, overwrite)
+        except OSError as e:
+            raise _write_failed(out, _os_error_words(e)) from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_failed(out: Path, cause: str) -> OutputError:
+    return OutputError(
+        f"writing {out} failed: {cause}; nothing was written"
+        + (", the earlier output is untouched" if os.path.lexists(out) else "")
+    )
+
+
+# The file system's own refusals of a write, in words. Any other OSError is told by its
+# strerror; a library's error counts as a failed write only with one of these in it.
+_WRITE_FAULTS = {
+    errno.ENOSPC: "no space left on device (disk full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "input/output error (a failing disk or a lost network file system?)",
+    errno.EFBIG: "file too large for its file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+# How a library's message carries an OS error: Rust's io::Error ("... (os error 28)", as
+# safetensors' SafetensorError says it) and Python's OSError ("[Errno 28] ...").
+_OS_ERROR_NUMBER = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+
+
+def write_error_cause(e: BaseException) -> str | None:
+    """What made a write fail, in words, when it was the file system; None for anything else.
+
+    An `OSError` is the file system's by its type ("no space left on device (disk full)" for
+    ENOSPC, else its strerror). Another library's error (safetensors' `SafetensorError`, an
+    exporter's `RuntimeError`, ...) counts only when it carries one of the file system's
+    refusals (`_WRITE_FAULTS`: ENOSPC, EDQUOT, EROFS, EIO, EFBIG, EACCES, EPERM): in its
+    message, as an OS error number or its strerror text, or as the `OSError` it was raised
+    from. Any other error is a bug, not a full disk.
+
+    Example:
+        >>> write_error_cause(SafetensorError("I/O error: No space left on device (os error 28)"))
+        'no space left on device (disk full)'
+    """
+    if isinstance(e, DeitPortError):
+        return None
+    if isinstance(e, OSError):
+        return _os_error_words(e)
+    return _carried_fault(e)
+
+
+def _os_error_words(e: OSError) -> str:
+    return (_WRITE_FAULTS.get(e.errno) if e.errno is not None else None) or first_line(e)
+
+
+def _carried_fault(error: BaseException) -> str | None:
+    """The `_WRITE_FAULTS` entry that `error`'s message, or an error it was raised from, names."""
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            if e.errno is not None and e.errno in _WRITE_FAULTS:
+                return _WRITE_FAULTS[e.errno]
+        else:
+            text = str(e)
+            for m in _OS_ERROR_NUMBER.finditer(text):
+                number = int(m.group(1) or m.group(2))
+                if number in _WRITE_FAULTS:
+                    return _WRITE_FAULTS[number]
+            for number, words in _WRITE_FAULTS.items():
+                if os.strerror(number) in text:
+                    return words
+        e = e.__cause__  # `raise LibraryError(...) from os_error`
+    return None
+
+
+# What is written besides the tensors (a folder's config, image processor, model card, index
+# and safetensors headers: 0.1 MiB for DeiT tiny with 1000 labels; an ONNX file's graph: 1.1
+# MiB for DeiT tiny), and a little room, so that a write that passes `check_free_space` does
+# not fill the disk to its last block. Where it falls short, the writer's own ENOSPC is the
+# same one-line error.
+SPACE_MARGIN = 2 << 20
+
+
+def check_free_space(
+    output: str | os.PathLike, nbytes: int, files: int = 1, folder: bool = False
+) -> None:
+    """Check that the file system `output` goes on has room for `nbytes` in `files` files.
+
+    Needed: `nbytes`, a block per file (a file's last block is partly empty) and
+    `SPACE_MARGIN`; and `files` inodes, plus the hidden work folder (and, for a `folder`
+    replacing another, the one the old output is moved aside into). Free: what the file
+    system gives this user (`statvfs`: f_bavail, or f_bfree for root, which may use the
+    reserved blocks). A file system that counts no inodes (btrfs, ...) is not checked for them.
+
+    Args:
+        output: the file or folder to be written (it need not exist, nor its parents).
+        nbytes: the bytes of the data to write (tensor bytes in the written dtype).
+        files: how many files will be written.
+        folder: `output` is a folder.
+
+    Raises:
+        OutputError: too little space or too few inodes: one line with what is needed, what
+            is free and where.
+
+    Example:
+        >>> check_free_space("/small/out", 23_000_000, files=4, folder=True)
+        OutputError: not enough space for /small/out: needs 24.0 MiB, 20.0 MiB free on /small; ...
+    """
+    out = Path(output).absolute()
+    where = next(p for p in out.parents if p.exists())
+    st = os.statvfs(where)
+    root = os.geteuid() == 0
+    free = (st.f_bfree if root else st.f_bavail) * st.f_frsize
+    need = nbytes + files * st.f_frsize + SPACE_MARGIN
+    if need > free:
         raise OutputError(
-            f"writing {out} failed: {first_line(e)}; nothing was written"
-            + (", the earlier output is untouched" if os.path.lexists(out) else "")
-        ) from e
+            f"not enough space for {out}: needs {_size(need)}, {_size(free)} free on {where}; "
+            "free some space or give an output on another disk"
+        )
+    inodes = files + (2 if folder else 1)
+    free_inodes = st.f_ffree if root else st.f_favail
+    if st.f_files and inodes > free_inodes:
+        raise OutputError(
+            f"not enough inodes for {out}: needs {inodes} (files and folders), {free_inodes} "
+            f"free on {where}; remove some files or give an output on another disk"
+        )
+
+
+def _size(n: int) -> str:
+    """`23.9 MiB`: a byte count in words, one decimal."""
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to their own handlers.
+
+    For the steps that must not stop half-way (moving the output into place, removing the
+    work folder): a Ctrl-C there would leave a folder half removed or the earlier output aside.
+    A signal that arrives meanwhile is raised again when the block ends, so a handler that
+    raises KeyboardInterrupt raises it then, and SIGTERM's default still ends the process.
+    Python runs handlers in the main thread only, and only it can change them: elsewhere
+    nothing is held. Signals that are ignored, or handled outside Python, are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum, frame) -> None:
+        pending.append(signum)
+
+    previous = {}
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(stop)
+        if handler is not None and handler is not signal.SIG_IGN:
+            previous[stop] = signal.signal(stop, hold)
+    try:
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 # What rename(2), link(2) and renameat2(2) answer when the destination is taken.
@@ -413,6 +627,24 @@ def save_hf_folder(
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config.save_pretrained(folder)
+
+
+def hf_folder_size(
+    state_dict: dict[str, torch.Tensor], max_shard_size: int | str = "5GB"
+) -> tuple[int, int]:
+    """What `save_hf_folder` will write: the tensor bytes, and the number of files (the shards
+    as it plans them, their index past one shard, `config.json`), for `check_free_space`.
+
+    Example:
+        >>> nbytes, files = hf_folder_size(state_dict, "2GB")
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    nbytes = sum(v.nbytes for v in state_dict.values())  # split views are written apart
+    return nbytes, len(split.filename_to_tensors) + int(split.is_sharded) + 1
 
 
 def read_hf_folder(folder: str | os.PathLike) -> tuple[object, dict[str, torch.Tensor], ArchSpec]:

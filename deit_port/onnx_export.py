@@ -44,6 +44,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 5)
+# Past this many bytes of weights, torch.onnx's `save` writes them into NAME.onnx.data.
+_EXTERNAL_DATA = 1536 * 1024 * 1024
 EXTRA = "pip install 'deit-port[onnx]'"
 _MODULES = ("onnx", "onnxscript", "onnx_ir", "onnxruntime")
 
@@ -212,7 +214,11 @@ def export_onnx(
         if not report.passed:
             raise ParityError(_report(out, output_name, checks, 0.0, None))
 
-    with io.atomic_file(out, overwrite) as tmp:
+    # the weights in float32 (past 1.5 GB, into NAME.onnx.data beside it); the graph (1.1 MiB
+    # for DeiT tiny) is in the margin `check_free_space` adds
+    nbytes = sum(v.nbytes for v in hf_model.state_dict().values())
+    files = 2 if nbytes > _EXTERNAL_DATA else 1
+    with io.atomic_file(out, overwrite, size=nbytes, files=files) as tmp:
         logger.info("exporting %s to ONNX", folder)
         seconds, opset = _export(model, x, tmp, output_name)
         logger.info("exported in %.1f s (opset %s); checking with onnxruntime", seconds, opset)

@@ -173,7 +173,11 @@ def convert_deit_checkpoint(
         setattr(config, io.dtype_key(), dtype_name)
 
     report = None
-    with io.atomic_folder(pytorch_dump_folder_path, overwrite=overwrite, protect=protect) as tmp:
+    nbytes, files = io.hf_folder_size(state_dict, max_shard_size)
+    files += 2  # the image processor's config and the model card
+    with io.atomic_folder(
+        pytorch_dump_folder_path, overwrite=overwrite, protect=protect, size=nbytes, files=files
+    ) as tmp:
         step("writing")
         logger.info("writing %s", pytorch_dump_folder_path)
         io.save_hf_folder(tmp, state_dict, config, max_shard_size=max_shard_size)

@@ -245,7 +245,8 @@ def convert_hf_folder(
     logger.info("writing for timm %s %s", target.name, target.kwargs)
     state_dict = mapping.hf_to_timm(hf_state_dict, target.spec)
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}  # safetensors needs dense
-    with atomic_file(out, overwrite) as tmp:
+    nbytes = sum(v.nbytes for v in state_dict.values())
+    with atomic_file(out, overwrite, size=nbytes) as tmp:
         step("writing")
         save_file(state_dict, tmp, metadata={"format": "pt"})
         step("loading in timm")
