@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, first_line
+from .errors import CheckpointError, first_line, not_a_regular_file
 
 __all__ = [
     "EMA_ENTRIES",
@@ -110,15 +110,16 @@ def detect_format(path: str | os.PathLike) -> str:
         `safetensors`, `torch-zip` or `torch-pickle`.
 
     Raises:
-        CheckpointError: missing, empty, or none of those formats.
+        CheckpointError: missing, not a regular file (a folder, a FIFO, a device, a socket:
+            never opened, so never waited on), empty, or none of those formats.
 
     Example:
         >>> detect_format("model.safetensors")
         'safetensors'
     """
     path = Path(path)
-    if not path.is_file():
-        what = "a folder" if path.is_dir() else "not found"
+    what = not_a_regular_file(path)
+    if what:
         raise CheckpointError(f"checkpoint {path} is {what}: give the path of a checkpoint file")
     try:
         size = path.stat().st_size

@@ -24,6 +24,8 @@ The message of every error is one line that says what is wrong and what to do
 from __future__ import annotations
 
 import errno
+import os
+import stat
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -45,6 +47,7 @@ __all__ = [
     "WeightsUnavailableError",
     "few",
     "first_line",
+    "not_a_regular_file",
 ]
 
 EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
@@ -62,6 +65,36 @@ def first_line(e: BaseException, sentence: bool = False) -> str:
         text = str(e.args[0])  # KeyError's str() is the repr of its key
     line = text.splitlines()[0] if text else type(e).__name__
     return line.split(". ")[0] if sentence else line
+
+
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """What `path` is, in words, when it is not a regular file to read (None when it is): "not
+    found", "a folder", "a named pipe (FIFO), not a regular file", "a character device, not a
+    regular file", ... From `stat` alone (links followed): a FIFO is never opened, so never
+    waited on, and a device such as /dev/zero never read.
+
+    Example:
+        >>> not_a_regular_file("/dev/zero")
+        'a character device, not a regular file'
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as e:  # a parent without permission, a link loop, ...
+        return f"not readable ({first_line(e)})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    kinds = {
+        stat.S_ISFIFO: "a named pipe (FIFO)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    kind = next((words for test, words in kinds.items() if test(mode)), "a special file")
+    return f"{kind}, not a regular file"
 
 
 def few(items: list[str], n: int = 8) -> str:

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import LabelsError, first_line
+from .errors import LabelsError, first_line, not_a_regular_file
 
 __all__ = ["imagenet_labels", "read_labels"]
 
@@ -38,13 +38,17 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         The names in class-index order (their count is checked against the model later).
 
     Raises:
-        LabelsError (a CheckpointError): unreadable, empty, gaps in the indices, blank or duplicate names.
+        LabelsError (a CheckpointError): not a regular file (a FIFO, a device: never opened),
+            unreadable, empty, gaps in the indices, blank or duplicate names.
 
     Example:
         >>> read_labels("labels.txt")[:2]
         ['cat', 'dog']
     """
     path = Path(path)
+    what = not_a_regular_file(path)
+    if what:  # a FIFO would be waited on, /dev/zero read forever
+        raise LabelsError(f"labels file {path} is {what}: give the path of a text or JSON file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
