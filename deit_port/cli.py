@@ -2,7 +2,8 @@
 
 Exit codes (`deit_port.errors`): 0 ok; 1 parity failure (the converted model or its
 preprocessing differs from timm; nothing written); 2 bad input or usage (one line on stderr;
-nothing written); 3 a bug in deit-port itself (its traceback is printed; please report it).
+nothing written); 3 a bug in deit-port itself (its traceback is printed; please report it);
+130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM (one line; nothing written).
 Every error deit_port raises on purpose is a `DeitPortError` that carries its exit code, and
 `main` is the one place that turns it into a line and a code.
 """
@@ -12,7 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 
@@ -400,11 +404,16 @@ def seed_main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The one place where errors become exit codes: a `DeitPortError` is one line on stderr
-    and its `exit_code`; anything else is a bug in deit-port: its traceback, then `EXIT_BUG`."""
+    and its `exit_code`; SIGINT or SIGTERM one line and 128 + the signal's number (130, 143);
+    anything else is a bug in deit-port: its traceback, then `EXIT_BUG`."""
     configure_logging(args.quiet)
     written = getattr(args, "output_dir", None) or getattr(args, "output_file", None)
+    before = _identity(written)
+    restore_signals = _interrupt_on_signals()
     try:
         return args.func(args)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, written, before)
     except ParityFailure as e:
         _print_table(e.report)
         _error(f"{first_line(e)}; nothing was written to {written}" if written else first_line(e))
@@ -419,6 +428,69 @@ def _run(args: argparse.Namespace) -> int:
             "the traceback above"
         )
         return EXIT_BUG
+    finally:  # after the error is reported: a second signal meanwhile is ignored
+        restore_signals()
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the command was: the clean-up on the way out removes
+    what was half written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt_on_signals() -> Callable[[], None]:
+    """Make SIGINT and SIGTERM raise `_Interrupted` (SIGTERM's default would end the process
+    with its partial folder in place); the first one only: later ones are ignored, so that the
+    clean-up it starts runs to its end. Returns what restores the handlers before, unless a
+    signal came: the process is ending then, and a second Ctrl-C in Python's own shutdown
+    would print a traceback after the one line."""
+    if threading.current_thread() is not threading.main_thread():  # only it handles signals
+        return lambda: None
+    came = []
+
+    def interrupt(signum, frame) -> None:
+        for s in _STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        came.append(signum)
+        raise _Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in _STOP_SIGNALS}
+
+    def restore() -> None:
+        for s, handler in previous.items():  # None: set outside Python, whose default it is
+            if not came:
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+    return restore
+
+
+def _interrupted(e: KeyboardInterrupt, written: str | None, before) -> int:
+    """Report an interruption in one line; exit 128 + the signal's number (the shell's code
+    for a command a signal ended)."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    if written is None:
+        what = ""
+    elif _identity(written) not in (None, before):  # published just before the signal
+        what = f" after {written} was written"
+    else:
+        what = f"; nothing was written to {written}"
+    _error(f"interrupted ({signal.Signals(signum).name}){what}")
+    return 128 + signum
+
+
+def _identity(path: str | None) -> tuple[int, int] | None:
+    """(device, inode) of what is at `path`, or None: tells a newly published output apart."""
+    try:
+        st = os.lstat(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino)
 
 
 def configure_logging(quiet: bool) -> None:
