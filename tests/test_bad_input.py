@@ -323,40 +323,7 @@ def test_output_not_writable(ckpt, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(tempfile, "mkdtemp", denied)
     line = cli_error_line(_ckpt_args(ckpt, tmp_path / "out"), capsys, unchanged=tmp_path)
-    assert "Permission denied" in line
-
-
-def _disk_fills_after(monkeypatch, n_ok: int) -> list:
-    """safetensors' writer (used by save_hf_folder) writes `n_ok` files,
-    then the next one half and fails with ENOSPC, as a full disk does."""
-    real = safetensors.torch.save_file
-    calls = []
-
-    def save_file_on_a_full_disk(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) > n_ok:
-            Path(filename).write_bytes(b"\0" * 1000)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
-        return real(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file_on_a_full_disk)
-    return calls
-
-
-@pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "overwrite"])
-def test_full_disk(ckpt, tmp_path, capsys, monkeypatch, earlier):
-    out = tmp_path / "out"
-    if earlier:
-        out.mkdir()
-        (out / "model.safetensors").write_bytes(b"an earlier conversion")
-        (out / "config.json").write_text("{}")
-    calls = _disk_fills_after(monkeypatch, n_ok=2)
-    argv = [*_ckpt_args(ckpt, out), "--overwrite", "--max-shard-size", "2MB"]
-    line = cli_error_line(argv, capsys, unchanged=tmp_path)
-    assert len(calls) == 3, "the write should have failed on the third shard"
-    assert "no space left on device" in line and "nothing was written" in line
-    if earlier:
-        assert "untouched" in line
+    assert "permission denied" in line
 
 
 def test_interrupted_write_leaves_no_folder_under_the_final_name(ckpt, tmp_path):
