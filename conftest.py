@@ -74,6 +74,12 @@ def pytest_addoption(parser):
         help="write the measured parity of every passed case as a markdown table to PATH "
         "(docs/parity-variants.md is written this way)",
     )
+    parser.addoption(
+        "--browser-table",
+        metavar="PATH",
+        help="write what tests/test_browser.py measured (transformers.js in node and Chromium) "
+        "as markdown to PATH (docs/browser.md is written this way)",
+    )
 
 
 # Files whose cases each take minutes (a real training run): they run first.
@@ -113,6 +119,17 @@ def converted_variant(tmp_path_factory):
     return variant_store(session_root(tmp_path_factory))
 
 
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """`get() -> tests.digits.DigitsRun`: examples/train_convert_pipeline.py's training run on
+    scikit-learn's digits, done once per session (across xdist workers) and shared by
+    tests/test_real_training.py and tests/test_browser.py; the API is in tests/digits.py."""
+    from tests.digits import digits_store
+    from tests.variants import session_root
+
+    return digits_store(session_root(tmp_path_factory).parent / "digits")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Print the measured parity per case (recorded by the tests with record_property), and
     with `--parity-table PATH` write it as the markdown table docs/parity-variants.md is."""
@@ -131,6 +148,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("measured (recorded by the tests)")
         for what, variant, value in sorted(measured):
             terminalreporter.write_line(f"{what:36s} {variant:32s} {value}")
+    if config.getoption("--browser-table"):
+        from tests.web import write_browser_table
+
+        path = config.getoption("--browser-table")
+        write_browser_table(Path(path), measured, config.invocation_params.args)
+        terminalreporter.write_line(f"browser table written to {path}")
     if not rows:
         return
     rows.sort()
