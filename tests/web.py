@@ -240,6 +240,8 @@ def write_browser_table(path: Path, measured: list[tuple], args) -> None:
     """docs/browser.md: what tests/test_browser.py recorded (`record_property("measured")`
     rows whose first field starts with "transformers.js"), with the command that wrote it."""
     rows = sorted(row for row in measured if row[0].startswith("transformers.js"))
+    # where the run kept its files and what it printed change nothing measured
+    args = [a for a in args if not a.startswith(("--basetemp", "--durations"))]
     versions = ", ".join(f"{name} {version}" for name, version in PACKAGES.items())
     node = subprocess.run(["node", "--version"], capture_output=True, text=True, check=False)
     chromium = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True, check=False)
