@@ -214,14 +214,16 @@ NOTES = """
   antialiasing when shrinking, the pixel grid anchored at the corner), in Chromium with a
   canvas `drawImage`. Neither is PIL's bicubic (timm's), so the pixel values differ and the
   logits move with them. The bound, 0.3 on the 224 px variants' test images (80x100 to
-  320x240 px, seeded random weights), is there to catch a wrong processor setting (a crop,
+  320x240 px; the variants at depth 2 with seeded random weights, as tests/test_onnx.py
+  exports them), is there to catch a wrong processor setting (a crop,
   mean/std or channel order off moves logits by 1 and more), not the kernel. Each case also
   checks that the model accounts for none of the difference: timm's model on
   transformers.js's own pixel values gives transformers.js's logits within 1e-4.
 - **Transparency** (Chromium): a canvas keeps colours premultiplied by alpha, so fully
   transparent pixels are read as black, where timm's `convert("RGB")` keeps the stored colour
   (the RGBA test image: its top third). Flatten such images first if that matters.
-- **The digits** (`examples/train_convert_pipeline.py`: 8x8 images, the model at 16 px):
+- **The digits** (`examples/train_convert_pipeline.py`: 8x8 images, the model at 16 px; all
+  450 held-out images in node, the first 100 in Chromium):
   transformers.js upscales them to 18 px its own way, and on images this small the pixel
   values differ far more than on photos; the top-1 follows on many images. Each such image is
   explained by the resize: timm's model on transformers.js's pixel values gives
