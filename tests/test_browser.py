@@ -441,11 +441,14 @@ def digits(web_root, digits_run):
 
 
 @pytest.fixture(scope="session")
-def digits_node(digits):
+def digits_node(request):
     """classify.mjs on the digits: the model on timm's pixel values in fp32 and q8, and in
     fp32 the pipeline on the PNGs (with the pixel values it made) and on the PNGs resized as
-    timm resizes them (`resized`); once per session. (q8 end to end: in Chromium.)"""
+    timm resizes them (`resized`); once per session. (q8 end to end: in Chromium.) The
+    digits fixture comes with it, as `digits_node["digits"]`: asked for after `need`, so that
+    nothing is trained to be skipped."""
     need("node", "packages")
+    digits = request.getfixturevalue("digits")
     shape = tuple(digits.timm_pixels.shape)
     runs = {}
     for dtype in ("fp32", "q8"):
@@ -471,6 +474,7 @@ def digits_node(digits):
     runs["pixel_values"] = both[:n]
     runs["resized"] = runs["fp32"]["images"][n:]
     runs["fp32"]["images"] = runs["fp32"]["images"][:n]
+    runs["digits"] = digits
     return runs
 
 
@@ -479,7 +483,7 @@ def _accuracy(top1: np.ndarray, labels: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_digits_node_fp32_gives_timms_top1(digits, digits_node, record_property):
+def test_digits_node_fp32_gives_timms_top1(digits_node, record_property):
     """Model alone (timm's pixel values): timm's top-1 on every held-out image, logits within
     1e-4. End to end (the 8 px PNGs through transformers.js's processor, which upscales them
     to 18 px with another kernel and alignment than PIL): the images whose top-1 differs from
@@ -487,6 +491,7 @@ def test_digits_node_fp32_gives_timms_top1(digits, digits_node, record_property)
     transformers.js's pixel values gives transformers.js's top-1 on every image, and the same
     PNGs resized by PIL first (nothing left for transformers.js to resize) get timm's top-1
     on every image."""
+    digits = digits_node["digits"]
     n = len(digits.pngs)
     alone = torch.tensor(digits_node["fp32"]["pixels"]["logits"])
     timm_top1 = digits.timm_logits.argmax(-1).numpy()
@@ -528,8 +533,9 @@ def test_digits_node_fp32_gives_timms_top1(digits, digits_node, record_property)
 
 
 @pytest.mark.slow
-def test_digits_node_q8_keeps_top1_and_accuracy(digits, digits_node, record_property):
+def test_digits_node_q8_keeps_top1_and_accuracy(digits_node, record_property):
     """int8 against float32 and timm, on timm's pixel values: the quantization alone."""
+    digits = digits_node["digits"]
     labels, timm_top1 = digits.labels, digits.timm_logits.argmax(-1).numpy()
     top1 = {
         dtype: torch.tensor(digits_node[dtype]["pixels"]["logits"]).argmax(-1).numpy()
@@ -569,12 +575,13 @@ def test_export_onnx_image_option_joins_the_int8_check(digits):
 
 
 @pytest.fixture(scope="session")
-def browser(web_root, web_folder, digits):
+def browser(web_root, web_folder, request):
     """One Chromium session on the page, served from 127.0.0.1: DeiT tiny (timm's pixel values
     in fp32, q8 and the default dtype; the pipeline on its PNGs) and the digits (the pipeline
     on the first `BROWSER_DIGITS` held-out PNGs in fp32, with the pixel values, and in the
     default dtype). Once per session; the results are the page's own return values."""
     need("node", "packages", "chromium")
+    digits = request.getfixturevalue("digits")  # after `need`: nothing trained to be skipped
     tiny = web_folder(TINY)
     site = web_root / "site"
 
