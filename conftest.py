@@ -45,3 +45,14 @@ def converted_variant(tmp_path_factory):
     from tests.variants import session_root, variant_store
 
     return variant_store(session_root(tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """`get() -> tests.digits.DigitsRun`: examples/train_convert_pipeline.py's training run on
+    scikit-learn's digits, done once per session (across xdist workers) and shared by
+    tests/test_real_training.py and tests/test_browser.py; the API is in tests/digits.py."""
+    from tests.digits import digits_store
+    from tests.variants import session_root
+
+    return digits_store(session_root(tmp_path_factory).parent / "digits")

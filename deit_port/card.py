@@ -21,7 +21,7 @@ from .hf_config import hf_class_name
 from .parity import ParityReport
 from .versions import library_versions
 
-__all__ = ["CARD_FILE", "render_model_card", "write_model_card"]
+__all__ = ["CARD_FILE", "render_model_card", "with_section", "write_model_card"]
 
 CARD_FILE = "README.md"
 
@@ -223,3 +223,20 @@ def write_model_card(folder: str | os.PathLike, **kwargs) -> Path:
     path = Path(folder) / CARD_FILE
     path.write_text(render_model_card(**kwargs), encoding="utf-8")
     return path
+
+
+def with_section(card: str, name: str, body: str) -> str:
+    """`card` with the section `name` (between `<!-- deit-port:NAME -->` markers) set to
+    `body`: replaced where it is, else appended. Another tool's sections (`export-onnx`'s
+    ONNX figures) are added to the converter's card this way, and a rerun replaces its own.
+
+    Example:
+        >>> with_section("# m\n", "onnx", "## ONNX")
+        '# m\n\n<!-- deit-port:onnx -->\n## ONNX\n<!-- /deit-port:onnx -->\n'
+    """
+    start, end = f"<!-- deit-port:{name} -->", f"<!-- /deit-port:{name} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    before, found, rest = card.partition(start)
+    if found and end in rest:
+        return before + block + rest.split(end, 1)[1]
+    return (card.rstrip("\n") + "\n\n" if card.strip() else "") + block + "\n"

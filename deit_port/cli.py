@@ -121,8 +121,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     """Export a folder to ONNX, checked with onnxruntime: exit 0 ok, 1 parity, 2 bad input."""
+    from .errors import BadInputError
     from .onnx_export import export_onnx
 
+    if args.output_file is None:
+        return _cmd_export_onnx_folder(args)
+    if args.no_quantize or args.image or args.min_q8_agreement:
+        raise BadInputError(
+            "--no-quantize, --image and --min-q8-agreement are for HF_DIR/onnx/ (give no "
+            "OUT.onnx); an OUT.onnx is the float32 file alone"
+        )
     with _progress(args.quiet):
         report = export_onnx(
             args.hf_dir,
@@ -135,6 +143,67 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     _print_table(report)
     print(report.summary())
     return EXIT_OK
+
+
+def _export_onnx_positionals(args: argparse.Namespace) -> None:
+    """`export-onnx HF_DIR [OUT.onnx] [MODEL]`: a lone second word is OUT.onnx when it ends in
+    `.onnx` or names a path (a `/` in it), else MODEL (timm names have neither)."""
+    word = args.output_file
+    looks_like_a_file = word is not None and (
+        word.endswith(".onnx") or "/" in word or os.sep in word
+    )
+    if word is not None and args.model is None and not looks_like_a_file:
+        args.output_file, args.model = None, word
+    if args.output_file is None:
+        args.output_dir = os.path.join(args.hf_dir, "onnx")  # what `_run` names as not written
+
+
+def _cmd_export_onnx_folder(args: argparse.Namespace) -> int:
+    """`export-onnx HF_DIR [MODEL]`: HF_DIR/onnx/ as transformers.js reads it."""
+    from .images import load_images
+    from .onnx_export import export_onnx_folder
+
+    images = load_images(args.image) if args.image else None
+    kwargs = _source_kwargs(args)
+    with _progress(args.quiet):
+        report = export_onnx_folder(
+            args.hf_dir,
+            args.model,
+            quantize=not args.no_quantize,
+            images=images,
+            min_top1=args.min_q8_agreement,
+            overwrite=args.overwrite,
+            **kwargs,
+        )
+    print(f"wrote {report.folder}")
+    _print_table(report)
+    print(report.summary())
+    return EXIT_OK
+
+
+def add_onnx_folder_options(p: argparse.ArgumentParser) -> None:
+    """`export-onnx HF_DIR` (no OUT.onnx): the int8 file and its check."""
+    p.add_argument(
+        "--no-quantize",
+        action="store_true",
+        help="HF_DIR/onnx/: write model.onnx only, not the int8 model_quantized.onnx "
+        "(transformers.js's default in the browser; load with dtype 'fp32' then)",
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH_OR_URL",
+        help="HF_DIR/onnx/: add your own image to the batch the int8 model is checked on; "
+        "repeatable",
+    )
+    p.add_argument(
+        "--min-q8-agreement",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="HF_DIR/onnx/: refuse (exit 1, nothing written) an int8 model whose top-1 "
+        "agreement with the float32 one is below FRACTION, e.g. 0.98 (default: report only)",
+    )
 
 
 def _source_kwargs(args: argparse.Namespace) -> dict:
@@ -358,15 +427,25 @@ def _add_export_onnx(sub, common: argparse.ArgumentParser) -> None:
         "against transformers and, given MODEL, timm; needs the onnx extra",
     )
     p.add_argument("hf_dir", help="the transformers folder (ours or one from the hub)")
-    p.add_argument("output_file", help="the .onnx file to write (absent, or --overwrite)")
+    p.add_argument(
+        "output_file",
+        nargs="?",
+        metavar="OUT.onnx",
+        help="the .onnx file to write (absent, or --overwrite); without it, HF_DIR/onnx/ is "
+        "written, the layout transformers.js reads (model.onnx, model_quantized.onnx)",
+    )
     p.add_argument(
         "model",
         nargs="?",
+        metavar="MODEL",
         help="the timm model name the folder came from: the ONNX file is compared with it too",
     )
     add_source_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.set_defaults(func=_cmd_export_onnx)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output file or HF_DIR/onnx"
+    )
+    add_onnx_folder_options(p)
+    p.set_defaults(func=_cmd_export_onnx, prepare=_export_onnx_positionals)
 
 
 def seed_parser() -> argparse.ArgumentParser:
@@ -407,6 +486,8 @@ def _run(args: argparse.Namespace) -> int:
     and its `exit_code`; SIGINT or SIGTERM one line and 128 + the signal's number (130, 143);
     anything else is a bug in deit-port: its traceback, then `EXIT_BUG`."""
     configure_logging(args.quiet)
+    if getattr(args, "prepare", None) is not None:  # arguments that argparse cannot tell apart
+        args.prepare(args)
     written = getattr(args, "output_dir", None) or getattr(args, "output_file", None)
     before = _identity(written)
     restore_signals = _interrupt_on_signals()

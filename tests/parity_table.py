@@ -1,5 +1,6 @@
 """pytest plugin (loaded by conftest.py): the measured parity, printed at the end of a run and,
-with `--parity-table PATH`, written as the markdown table docs/parity-variants.md is.
+with `--parity-table PATH`, written as the markdown table docs/parity-variants.md is; with
+`--browser-table PATH`, what tests/test_browser.py measured, written as docs/browser.md is.
 
 The tests record what they measured with `record_property`: `variant`, `max_abs_diff` and
 `mean_abs_diff` for a parity case; `mutation` and `mutation_max_abs_diff` for a mutation caught
@@ -20,6 +21,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write the measured parity of every passed case as a markdown table to PATH "
         "(docs/parity-variants.md is written this way)",
     )
+    parser.addoption(
+        "--browser-table",
+        metavar="PATH",
+        help="write what tests/test_browser.py measured (transformers.js in node and Chromium) "
+        "as markdown to PATH (docs/browser.md is written this way)",
+    )
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
@@ -38,6 +45,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.section("measured (recorded by the tests)")
         for what, variant, value in sorted(measured):
             terminalreporter.write_line(f"{what:36s} {variant:32s} {value}")
+    if config.getoption("--browser-table"):
+        from tests.web import write_browser_table
+
+        path = config.getoption("--browser-table")
+        write_browser_table(Path(path), measured, config.invocation_params.args)
+        terminalreporter.write_line(f"browser table written to {path}")
     if not rows:
         return
     rows.sort()

@@ -9,10 +9,6 @@ here is written out independently of it: timm's eval path as a user runs it, the
 and the pipeline.
 """
 
-import importlib.util
-import time
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -21,43 +17,33 @@ from PIL import Image
 from deit_port import cli
 from deit_port.preprocess import load_image_processor
 
+from .digits import example
 from .util import ATOL_MEASURED, TINY
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "train_convert_pipeline.py"
 MIN_ACCURACY = 0.5  # 10 classes: chance is 10%
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("train_convert_pipeline", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [TINY])
 def test_trained_on_digits_converted_and_classified_by_the_pipeline(
-    tmp_path, record_property, variant
+    tmp_path, record_property, variant, digits_run
 ):
+    """The training (and its checkpoint, labels, held-out PNGs) is the session's `digits_run`
+    (tests/digits.py), shared with tests/test_browser.py; the rest is done here."""
     from timm.data import create_transform, resolve_data_config
     from transformers import pipeline
 
-    ex = _example()
+    ex = example()
     assert ex.MODEL == variant
-    train_images, train_labels, test_images, test_labels = ex.digits_split(seed=0)
-    start = time.perf_counter()
-    model, ema, optimizer, args = ex.train(train_images, train_labels, epochs=ex.EPOCHS, seed=0)
-    train_seconds = time.perf_counter() - start
-    ckpt = ex.save_checkpoint(tmp_path / "checkpoint.pth.tar", model, ema, optimizer, args)
-    labels = tmp_path / "labels.txt"
-    labels.write_text("\n".join(ex.LABELS) + "\n")
+    run = digits_run()
+    ckpt, labels, paths, test_labels = run.checkpoint, run.labels_file, run.pngs, run.test_labels
+    ema, model = run.timm_model(ema=True), run.timm_model(ema=False)
 
     out = tmp_path / "deit-digits-hf"
     argv = [variant, str(out), "--checkpoint", str(ckpt), "--ema", "--labels", str(labels)]
     assert cli.main(["-q", "convert", *argv]) == 0
     assert "entry 'state_dict_ema' (EMA)" in (out / "README.md").read_text()
 
-    paths = ex.write_pngs(tmp_path / "heldout", test_images, test_labels)
     pngs = [Image.open(p) for p in paths]
     # timm, as a user evaluates the EMA model: PNG -> RGB -> timm's eval transform at 16 px
     transform = create_transform(**resolve_data_config({"img_size": 16}, model=ema))
@@ -102,7 +88,7 @@ def test_trained_on_digits_converted_and_classified_by_the_pipeline(
         "pipeline_processor": type(classifier.image_processor).__name__,
         "max_abs_logit_diff_pil_backend": float(pil_diff.max()),
         "max_abs_logit": float(timm_logits.abs().max()),
-        "train_seconds_noisy": round(train_seconds, 1),
+        "train_seconds_noisy": run.train_seconds,
     }
     for key, value in measured.items():
         record_property(key, value)
