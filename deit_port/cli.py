@@ -431,8 +431,9 @@ def _add_export_onnx(sub, common: argparse.ArgumentParser) -> None:
         "output_file",
         nargs="?",
         metavar="OUT.onnx",
-        help="the .onnx file to write (absent, or --overwrite); without it, HF_DIR/onnx/ is "
-        "written, the layout transformers.js reads (model.onnx, model_quantized.onnx)",
+        help="the .onnx file to write (absent, or --overwrite; a word ending in .onnx or "
+        "holding a /, else it is MODEL); without it, HF_DIR/onnx/ is written, the layout "
+        "transformers.js reads (model.onnx, model_quantized.onnx)",
     )
     p.add_argument(
         "model",

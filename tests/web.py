@@ -223,18 +223,22 @@ NOTES = """
   transparent pixels are read as black, where timm's `convert("RGB")` keeps the stored colour
   (the RGBA test image: its top third). Flatten such images first if that matters.
 - **The digits** (`examples/train_convert_pipeline.py`: 8x8 images, the model at 16 px; all
-  450 held-out images in node, the first 100 in Chromium):
-  transformers.js upscales them to 18 px its own way, and on images this small the pixel
-  values differ far more than on photos; the top-1 follows on many images. Each such image is
-  explained by the resize: timm's model on transformers.js's pixel values gives
-  transformers.js's top-1 on every image, and the same PNGs resized by PIL first (bicubic, to
-  the processor's shortest edge: transformers.js then only crops) get timm's top-1 on every
-  image. So resize small images yourself, as timm does, before handing them over.
+  450 held-out images in node, the first 100 in Chromium): transformers.js upscales them to
+  17 px its own way, and on images this small the pixel values differ far more than on
+  photos; the top-1 follows on many images. Each such image is explained by the resize:
+  timm's model on transformers.js's pixel values gives transformers.js's top-1 on every
+  image, and in node the same PNGs resized by PIL first (bicubic, to the processor's shortest
+  edge: transformers.js then only crops) get timm's top-1 on every image. So resize small
+  images yourself, as timm does, before handing them over. In Chromium that is not enough
+  here: where the resized edge minus the crop is odd (17 - 16), the browser build crops with
+  a canvas at a half-pixel offset, which interpolates (node's sharp and timm take whole
+  pixels).
 - **int8** (`dtype: 'q8'`, `onnx/model_quantized.onnx`: onnxruntime's dynamic quantization,
   uint8 weights per tensor, as transformers.js makes its own `q8` files for a model with a
-  `Conv`: onnxruntime-web has no `ConvInteger` for int8 weights): on timm's pixel values its
-  top-1 agreement with fp32 and its accuracy against timm's; end to end, against fp32 through
-  the same pipeline. The browser's default dtype is `q8`, node's (CPU) `fp32`.
+  `Conv`: onnxruntime-web has no `ConvInteger` for int8 weights): end to end against fp32 on
+  the same PNGs; on the PNGs resized by PIL first (timm's pixel values: the quantization
+  alone) its accuracy against timm's too. The browser's default dtype is `q8`, node's (CPU)
+  `fp32`.
 """
 
 
