@@ -464,7 +464,7 @@ def quantize_onnx(
         logging.getLogger().addFilter(drop)
         try:
             quantize_dynamic(
-                os.fspath(model_file),
+                _without_shape_annotations(Path(model_file)),
                 os.fspath(tmp),
                 weight_type=QuantType[weight_type],
                 extra_options={"MatMulConstBOnly": True},
@@ -491,6 +491,22 @@ def quantize_onnx(
         if not check.passed:
             raise ParityError(check)
     return check
+
+
+def _without_shape_annotations(model_file: Path):
+    """The model for the quantizer: without the exporter's `value_info` shape annotations where
+    its weights are inside the file (a model with external weights is passed as its path).
+
+    The quantizer infers every shape again; onnxruntime 1.23 (the newest for Python 3.10)
+    refuses a model whose annotations its own inference contradicts ("Inferred shape and
+    existing shape differ"), which torch's exporter writes for DeiT's classifier."""
+    import onnx
+
+    if model_file.with_name(model_file.name + ".data").exists():
+        return os.fspath(model_file)
+    model = onnx.load(os.fspath(model_file))
+    del model.graph.value_info[:]
+    return model
 
 
 def _check_fraction(min_top1: float) -> None:
