@@ -1,18 +1,21 @@
 """Faults of the machine, made for real: a full file system, one out of inodes, a read-only one,
 a FIFO or a device given as the checkpoint, SIGINT and SIGTERM sent to a conversion as it writes.
 
-Each command runs as a real `deit-port` subprocess. Each fault is one line on stderr and its
-exit code (2; 130 / 143 for a signal), and leaves nothing behind: the file system written to
-holds afterwards exactly what it held before, byte for byte (an earlier output untouched).
+Each fault is one line on stderr and its exit code (2; 130 / 143 for a signal), and leaves
+nothing behind: the file system written to holds afterwards exactly what it held before, byte
+for byte (an earlier output untouched). The disk faults run `deit-port` in this process
+(`cli.main`, as tests/util.py's `cli_error_line`): the fault is the file system's, not the
+process's, and a subprocess would only add the 5-10 s of importing torch, timm and
+transformers to each case. The signals are sent to a real `deit-port convert` subprocess.
 
 The small file systems are real tmpfs mounts (20 MiB: DeiT tiny's float32 weights are 21.8
 MiB). Mounting needs root (CAP_SYS_ADMIN); without it these tests skip with the reason, except
 under CI=true, where that is a failure: CI runs as root, and a skip there would hide the faults.
 
-"The disk fills while writing" needs the up-front check out of the way: the subprocess replaces
-`deit_port.io.check_free_space` with a no-op before it runs the command, so that each writer
-(safetensors' for `convert` and `to-timm`, the ONNX exporter's for `export-onnx`, Python's for
-the small files) meets the real ENOSPC.
+"The disk fills while writing" needs the up-front check out of the way: the test replaces
+`deit_port.io.check_free_space` with a no-op for the run, as another writer filling the disk
+after the check would make it, so that each writer (safetensors' for `convert` and `to-timm`,
+the ONNX exporter's for `export-onnx`, Python's for the small files) meets the real ENOSPC.
 """
 
 import errno
@@ -36,17 +39,9 @@ from deit_port.errors import CheckpointError, LabelsError, OutputError
 from deit_port.io import atomic_folder, write_error_cause
 from deit_port.labels import read_labels
 
-from .util import TINY, nothing_written, one_error_line, random_timm_model
+from .util import TINY, cli_error_line, nothing_written, one_error_line, random_timm_model
 
 MiB = 1 << 20
-
-# The command line with the up-front free-space check turned off, as another writer filling
-# the disk after the check would make it.
-_NO_SPACE_CHECK = (
-    "import sys, deit_port.io; "
-    "deit_port.io.check_free_space = lambda *args, **kwargs: None; "
-    "from deit_port.cli import main; sys.exit(main(sys.argv[1:]))"
-)
 
 
 def _cannot(reason: str):
@@ -134,30 +129,23 @@ def _earlier_output(command: str, fs: Path) -> None:
         (fs / name).write_bytes(b"an earlier output" * 100)
 
 
-def _deit_port(*argv: str, space_check: bool = True, timeout: float = 600):
-    """`deit-port -q ARGV...` as a subprocess (without the up-front space check if asked)."""
-    head = ["-m", "deit_port.cli"] if space_check else ["-c", _NO_SPACE_CHECK]
-    return subprocess.run(
-        [sys.executable, *head, "-q", *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def _fails(argv: list[str], fs: Path, capsys, code: int = 2) -> str:
+    """Run `deit-port -q ARGV` in this process and assert that it exits with `code`, says one
+    `deit-port: error:` line, and that nothing at or under `fs` was written, changed or
+    removed (`cli_error_line`)."""
+    return cli_error_line(["-q", *argv], capsys, code=code, unchanged=fs)
+
+
+def _without_space_check(monkeypatch) -> None:
+    """Turn the up-front free-space check off, as another writer filling the disk after the
+    check would: the command's own writer meets the real ENOSPC."""
+    monkeypatch.setattr(deit_port.io, "check_free_space", lambda *args, **kwargs: None)
 
 
 def _one_error_line(code: int, returncode: int, stderr: str) -> str:
     """Assert the exit code and that stderr is exactly one `deit-port: error:` line."""
     assert returncode == code, f"exit {returncode}, not {code}:\n{stderr}"
     return one_error_line(stderr)
-
-
-def _fails(argv: list[str], fs: Path, code: int = 2, **kwargs) -> str:
-    """Run `deit-port -q ARGV` (`_deit_port`) and assert that it exits with `code`, says one
-    line, and that nothing at or under `fs` was written, changed or removed."""
-    with nothing_written(fs):
-        result = _deit_port(*argv, **kwargs)
-    return _one_error_line(code, result.returncode, result.stderr)
 
 
 def _mib(line: str, pattern: str) -> float:
@@ -216,11 +204,10 @@ def test_up_front_check_on_a_small_disk(tmpfs):
 # --- too little space, known before the first byte --------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", WRITERS)
-def test_too_little_space_is_refused_up_front(tiny, tmpfs, command):
+def test_too_little_space_is_refused_up_front(tiny, tmpfs, command, capsys):
     fs = tmpfs(size="20m")
-    line = _fails(_argv(command, tiny, fs), fs)
+    line = _fails(_argv(command, tiny, fs), fs, capsys)
     assert "not enough space" in line and str(fs) in line, line
     st = os.statvfs(fs)
     free = st.f_bavail * st.f_frsize / MiB  # all of it: nothing was left
@@ -229,13 +216,12 @@ def test_too_little_space_is_refused_up_front(tiny, tmpfs, command):
     assert _mib(line, "needs N MiB") >= nbytes / MiB, line
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", WRITERS)
-def test_too_few_inodes_are_refused_up_front(tiny, tmpfs, command):
+def test_too_few_inodes_are_refused_up_front(tiny, tmpfs, command, capsys):
     """A file system with room for the bytes but not for the files (1 or 2 free inodes: the
     root folder takes one of nr_inodes)."""
     fs = tmpfs(size="200m", nr_inodes=4 if command == "convert" else 2)
-    line = _fails(_argv(command, tiny, fs), fs)
+    line = _fails(_argv(command, tiny, fs), fs, capsys)
     free = os.statvfs(fs).f_ffree
     assert "not enough inodes" in line and f"{free} free on {fs}" in line, line
 
@@ -243,25 +229,28 @@ def test_too_few_inodes_are_refused_up_front(tiny, tmpfs, command):
 # --- the disk fills while writing (another writer) ----------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", WRITERS)
-def test_disk_that_fills_while_writing(tiny, tmpfs, command):
+@pytest.mark.parametrize(
+    "command",
+    ["convert", "to-timm", pytest.param("export-onnx", marks=pytest.mark.slow)],  # 10 s: export
+)
+def test_disk_that_fills_while_writing(tiny, tmpfs, command, capsys, monkeypatch):
     """With the up-front check off, each command's own writer meets the real ENOSPC (convert
     on its 10th 2 MB shard); an earlier output stays as it was."""
     fs = tmpfs(size="20m", fill=lambda fs: _earlier_output(command, fs))
     extra = ["--overwrite"] + (["--max-shard-size", "2MB"] if command == "convert" else [])
-    line = _fails(_argv(command, tiny, fs, *extra), fs, space_check=False)
+    _without_space_check(monkeypatch)
+    line = _fails(_argv(command, tiny, fs, *extra), fs, capsys)
     assert "no space left on device" in line and "nothing was written" in line, line
     assert "the earlier output is untouched" in line, line
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", ["convert", "to-timm"])
-def test_inodes_that_run_out_while_writing(tiny, tmpfs, command):
+def test_inodes_that_run_out_while_writing(tiny, tmpfs, command, capsys, monkeypatch):
     """convert: its third file (transformers' writer of preprocessor_config.json) finds no
     inode; to-timm: safetensors' writer finds none for the checkpoint."""
     fs = tmpfs(size="200m", nr_inodes=4 if command == "convert" else 2)
-    line = _fails(_argv(command, tiny, fs), fs, space_check=False)
+    _without_space_check(monkeypatch)
+    line = _fails(_argv(command, tiny, fs), fs, capsys)
     assert "no space left on device" in line and "nothing was written" in line, line
 
 
@@ -269,9 +258,9 @@ def test_inodes_that_run_out_while_writing(tiny, tmpfs, command):
 
 
 @pytest.mark.parametrize("command", WRITERS)
-def test_read_only_file_system_is_named(tiny, tmpfs, command):
+def test_read_only_file_system_is_named(tiny, tmpfs, command, capsys):
     fs = tmpfs(fill=lambda fs: _earlier_output(command, fs), read_only=True)
-    line = _fails(_argv(command, tiny, fs, "--overwrite"), fs)
+    line = _fails(_argv(command, tiny, fs, "--overwrite"), fs, capsys)
     assert f"{fs} is on a read-only file system" in line, line
     assert "permission" not in line, line
 
@@ -280,18 +269,26 @@ def test_read_only_file_system_is_named(tiny, tmpfs, command):
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
-def test_checkpoint_that_is_not_a_regular_file(tmp_path, kind):
-    """Named for what it is, never opened: a FIFO without a writer would block the read,
-    /dev/zero would never end it (the timeout turns either into a failure, not a hang)."""
+def test_checkpoint_that_is_not_a_regular_file(tmp_path, kind, capsys):
+    """Named for what it is, never opened: a FIFO without a writer would block the read (a
+    thread opens it for writing after 60 s, so that a command that wrongly opened it fails
+    instead of waiting forever); /dev/zero would feed it zeros."""
+    unblock = None
     if kind == "fifo":
         path = tmp_path / "model.safetensors"
         os.mkfifo(path)
         words = "is a named pipe (FIFO), not a regular file"
+        unblock = threading.Timer(60, lambda: os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK)))
+        unblock.start()
     else:
         path = Path("/dev/zero")
         words = "is a character device, not a regular file"
     out = tmp_path / "out"  # beside the FIFO: the check of what was written must not open it
-    line = _fails(["convert", TINY, str(out), "--checkpoint", str(path)], out, timeout=300)
+    try:
+        line = _fails(["convert", TINY, str(out), "--checkpoint", str(path)], out, capsys)
+    finally:
+        if unblock is not None:
+            unblock.cancel()
     assert f"checkpoint {path} {words}" in line, line
 
 
@@ -367,33 +364,28 @@ def _count_files(folder: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "signals, code",
-    [
-        ([signal.SIGINT], 130),
-        ([signal.SIGTERM], 143),
-        ([signal.SIGINT, signal.SIGINT], 130),
-    ],
-    ids=["sigint", "sigterm", "double-sigint"],
+    "signals", [[signal.SIGINT], [signal.SIGINT, signal.SIGINT]], ids=["sigint", "double-sigint"]
 )
-def test_signal_while_writing(tiny, tmp_path, signals, code):
-    """One line, exit 128 + the signal, nothing left: the partial folder is removed, even
+def test_signal_while_writing(tiny, tmp_path, signals):
+    """One line, exit 130 (128 + SIGINT), nothing left: the partial folder is removed, even
     when a second Ctrl-C comes during that removal."""
     with nothing_written(tmp_path):
         returncode, err = _convert_and_signal(tiny, tmp_path, signals)
-    name = signal.Signals(signals[0]).name
-    line = _one_error_line(code, returncode, err)
+    line = _one_error_line(130, returncode, err)
     out = tmp_path / "out"
-    assert line == f"deit-port: error: interrupted ({name}); nothing was written to {out}"
+    assert line == f"deit-port: error: interrupted (SIGINT); nothing was written to {out}"
 
 
 @pytest.mark.slow
-def test_signal_while_overwriting_leaves_the_earlier_output(tiny, tmp_path):
+def test_sigterm_while_overwriting_leaves_the_earlier_output(tiny, tmp_path):
+    """SIGTERM (a service manager, `kill`): exit 143 (128 + 15), one line, and the earlier
+    output that `--overwrite` was replacing is left as it was."""
     out = tmp_path / "out"
     _earlier_output("convert", tmp_path)
     with nothing_written(tmp_path):
         returncode, err = _convert_and_signal(tiny, tmp_path, [signal.SIGTERM], "--overwrite")
     line = _one_error_line(143, returncode, err)
-    assert f"nothing was written to {out}" in line, line
+    assert line == f"deit-port: error: interrupted (SIGTERM); nothing was written to {out}"
 
 
 # --- the steps a signal must not cut short (a real signal, sent at the chosen moment) -----
