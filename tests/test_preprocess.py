@@ -238,10 +238,13 @@ def test_end_to_end_logits(variant, converted_variant, backend, atol, bound, rec
 @pytest.mark.parametrize("variant", variant_params())
 def test_pipeline_top5_matches_timm(variant, converted_variant):
     """`pipeline("image-classification", model=folder)`, given the images as they are (RGBA
-    and grayscale included), returns timm's top-5 labels."""
+    and grayscale included), returns timm's top-5 labels. The big variants take the RGBA
+    image alone: what the pipeline does to an image's mode is the processor's, the same for
+    every variant (the fast ones take all three); what differs by variant (the model class,
+    the input size, the crop) one image shows, and each image is a forward pass of seconds."""
     converted = converted_variant(variant)
     images = sample_images()
-    names = ["landscape", "rgba", "grayscale"]
+    names = ["landscape", "rgba", "grayscale"] if variant in FAST_VARIANTS else ["rgba"]
     id2label = json.loads((converted.folder / "config.json").read_text())["id2label"]
     timm_top5 = [converted.image_logits[n].topk(5).indices for n in names]
     pipe = pipeline("image-classification", model=str(converted.folder), device=DEVICE)
