@@ -139,7 +139,12 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             **_source_kwargs(args),
         )
-    print(f"wrote {report.output}")
+    return _report_written(report.output, report)
+
+
+def _report_written(written, report) -> int:
+    """What a writing command prints on success: where, the checks' table, the summary."""
+    print(f"wrote {written}")
     _print_table(report)
     print(report.summary())
     return EXIT_OK
@@ -175,10 +180,7 @@ def _cmd_export_onnx_folder(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             **kwargs,
         )
-    print(f"wrote {report.folder}")
-    _print_table(report)
-    print(report.summary())
-    return EXIT_OK
+    return _report_written(report.folder, report)
 
 
 def add_onnx_folder_options(p: argparse.ArgumentParser) -> None:
