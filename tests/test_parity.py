@@ -1,4 +1,4 @@
-"""The parity suite: every timm DeiT variant, converted, written, loaded back, compared.
+"""The parity suite: every variant (tests/util.py VARIANTS), converted, written, loaded back, compared.
 
 The per-variant cases use the session's shared conversion of each variant (tests/variants.py):
 a seeded random timm model, saved, converted from that checkpoint, timm's outputs on the
