@@ -22,8 +22,8 @@ def _share_the_cores() -> int | None:
 
     Left alone, every worker (and every `deit-port` subprocess a test starts) runs as many
     threads as the machine has cores, so `-n auto` on 2 cores runs 4 busy threads on 2 cores,
-    and torch's OpenMP threads spin waiting for each other (docs/measurements.md, "Threads
-    under xdist"). Set before torch is imported (OMP_NUM_THREADS, inherited by subprocesses);
+    and torch's OpenMP threads spin waiting for each other (docs/measurements.md, "Test-suite
+    time"). Set before torch is imported (OMP_NUM_THREADS, inherited by subprocesses);
     a value the user set is kept."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers <= 1 or "OMP_NUM_THREADS" in os.environ:

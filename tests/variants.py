@@ -60,8 +60,12 @@ API, for test modules:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,8 +216,9 @@ def variant_store(root: Path):
     return get
 
 
-def _build(name: str, tmp: Path) -> None:
-    """Write the artefact of `name` to `tmp` (see the module docstring)."""
+def _build(name: str, tmp: Path, steps: list | None = None) -> None:
+    """Write the artefact of `name` to `tmp` (see the module docstring); with `steps`, append
+    `(step, wall seconds, CPU seconds)` for each step (`python -m tests.variants NAME`)."""
     from safetensors.torch import save_file
     from timm.data import create_transform
 
@@ -223,20 +228,55 @@ def _build(name: str, tmp: Path) -> None:
     from .util import random_timm_model
 
     tmp.mkdir()
-    model = random_timm_model(name, seed=SEED)
-    inputs = parity_inputs(model, n=N_INPUTS, seed=SEED)
-    transform = create_transform(**data_config(model))
-    names = model_images(name)
-    pixels = torch.stack([transform(sample_images()[n].convert("RGB")) for n in names])
-    out = model_output(model, torch.cat([inputs, pixels])).float()  # timm's one pass
+    with _step(steps, "randomize: build on meta, randomize_"):
+        model = random_timm_model(name, seed=SEED)
+    with _step(steps, f"timm's one pass: {N_INPUTS} inputs + {len(model_images(name))} images"):
+        inputs = parity_inputs(model, n=N_INPUTS, seed=SEED)
+        transform = create_transform(**data_config(model))
+        names = model_images(name)
+        pixels = torch.stack([transform(sample_images()[n].convert("RGB")) for n in names])
+        out = model_output(model, torch.cat([inputs, pixels])).float()
     reference = {"inputs": inputs, "expected": out[:N_INPUTS].contiguous()}
     reference |= {f"image_logits.{n}": y.contiguous() for n, y in zip(names, out[N_INPUTS:])}
-    save_file(reference, tmp / "reference.safetensors")
-    save_file(model.state_dict(), tmp / "timm.safetensors")
-    del model
-    if name not in FAST_VARIANTS:  # a full collection costs 0.4 s; worth it for 2.4 GB
-        gc.collect()
-    convert_deit_checkpoint(name, tmp / "hf", checkpoint=tmp / "timm.safetensors", verify=False)
+    with _step(steps, "save timm.safetensors"):
+        save_file(reference, tmp / "reference.safetensors")
+        save_file(model.state_dict(), tmp / "timm.safetensors")
+        del model
+        if name not in FAST_VARIANTS:  # a full collection costs 0.4 s; worth it for 2.4 GB
+            gc.collect()
+    with _step(steps, "convert (convert_deit_checkpoint, verify=False)"):
+        convert_deit_checkpoint(name, tmp / "hf", checkpoint=tmp / "timm.safetensors", verify=False)
+
+
+@contextlib.contextmanager
+def _step(steps: list | None, what: str) -> Iterator[None]:
+    start, wall = os.times(), time.perf_counter()
+    yield
+    if steps is not None:
+        end = os.times()
+        cpu = sum(end[:4]) - sum(start[:4])  # user + sys, children included
+        steps.append((what, time.perf_counter() - wall, cpu))
+
+
+def _measure(name: str, root: Path) -> list:
+    """Each step of the suite's build of `name`, then loading both models and the command line's
+    `convert --checkpoint timm.safetensors --no-verify` of the same file, timed."""
+    import subprocess
+    import sys
+
+    steps: list = []
+    _build(name, root, steps)
+    converted = Converted(name, root)
+    with _step(steps, "load the timm model"):
+        converted.timm_model  # noqa: B018
+    with _step(steps, "load the transformers model"):
+        converted.hf_model  # noqa: B018
+    argv = ["-m", "deit_port.cli", "convert", name, str(root / "cli"), "--no-verify", "-q"]
+    with _step(steps, "deit-port convert --checkpoint FILE --no-verify (imports included)"):
+        subprocess.run(
+            [sys.executable, *argv, "--checkpoint", str(root / "timm.safetensors")], check=True
+        )
+    return steps
 
 
 def group_by_variant(items: list) -> None:
@@ -259,3 +299,14 @@ def group_by_variant(items: list) -> None:
 def _params(item) -> dict:
     callspec = getattr(item, "callspec", None)
     return callspec.params if callspec is not None else {}
+
+
+if __name__ == "__main__":  # python -m tests.variants NAME: the build's steps, timed
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as where:
+        rows = _measure(sys.argv[1], Path(where) / "build")
+    print("| step | wall s | CPU s |\n|---|---|---|")
+    for what, wall, cpu in rows:
+        print(f"| {what} | {wall:.1f} | {cpu:.1f} |")
