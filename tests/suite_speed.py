@@ -74,10 +74,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Put what importing and collecting made (torch, timm, transformers: some 450 000 objects
-    that live as long as the process) out of the cyclic garbage collector's reach: a full
-    collection then scans only what the tests made, 0.4 s less each (pytest runs two at the
-    end of the session, Python its own while tests run). Nothing made by a test is frozen."""
+    """Put what importing and collecting made (torch, timm, transformers: objects that live as
+    long as the process) out of the cyclic garbage collector's reach: a full collection (pytest
+    runs two at the end of the session, Python its own while tests run) then scans only what
+    the tests made. Nothing made by a test is frozen."""
     gc.freeze()
 
 

@@ -4,9 +4,9 @@ copies (examples/web/index.html).
 
 Every folder is given `HF_DIR/onnx/` by `deit-port export-onnx HF_DIR/`, the command a user
 runs, and nothing else. The three fast variants are converted at depth 2, as tests/test_onnx.py
-exports them (the structure of each family, a third of a 12-block export's time: 6 s of CPU
-instead of 19 s here); the trained digits model of examples/train_convert_pipeline.py (the
-session's `digits_run`, shared with tests/test_real_training.py) as it is. Each folder, and
+exports them (the structure of each family, at a fraction of a 12-block export's time); the
+trained digits model of examples/train_convert_pipeline.py (the session's `digits_run`,
+shared with tests/test_real_training.py) as it is. Each folder, and
 each node or Chromium run on it, is made once per session (tests/build_once.py) and read by
 the cases below.
 
@@ -73,7 +73,7 @@ BROWSER_DIGITS = 100  # held-out digits the page classifies (WASM; node classifi
 IMAGES_IN_CHECK = 6  # digits given to `export-onnx --image` (the int8 check's batch)
 # The fast variants, each a folder of its own in node: DeiT tiny in every run, the distilled
 # one (transformers.js's DeiT class with the teacher) and DeiT III under --runslow, so that
-# `-k tiny` builds one folder (an export and a quantization, ~6 s), not two.
+# `-k tiny` builds one folder (an export and a quantization), not two.
 FAST = [
     pytest.param(name, id=name, marks=() if name == TINY else pytest.mark.slow)
     for name in sorted(FAST_VARIANTS)
