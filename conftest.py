@@ -39,12 +39,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def converted_variant(tmp_path_factory):
-    """`get(name) -> tests.variants.Converted`: each timm DeiT variant as a seeded random model,
-    converted once per session (across xdist workers) and loaded once per worker; the API is
-    in tests/variants.py's docstring."""
-    from tests.variants import session_root, variant_store
+    """`get(name) -> tests.variants.Converted`: each timm variant of the suite as a seeded
+    random model, converted once per session (across xdist workers), loaded and run once per
+    worker; the API is in tests/variants.py's docstring."""
+    from tests.build_once import session_root
+    from tests.variants import variant_store
 
-    return variant_store(session_root(tmp_path_factory))
+    return variant_store(session_root(tmp_path_factory) / "variants")
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +53,7 @@ def digits_run(tmp_path_factory):
     """`get() -> tests.digits.DigitsRun`: examples/train_convert_pipeline.py's training run on
     scikit-learn's digits, done once per session (across xdist workers) and shared by
     tests/test_real_training.py and tests/test_browser.py; the API is in tests/digits.py."""
+    from tests.build_once import session_root
     from tests.digits import digits_store
-    from tests.variants import session_root
 
-    return digits_store(session_root(tmp_path_factory).parent / "digits")
+    return digits_store(session_root(tmp_path_factory) / "digits")

@@ -2,9 +2,8 @@
 shared: tests/test_real_training.py (transformers) and tests/test_browser.py (transformers.js,
 Chromium) use the same checkpoint, so the minute of training is spent once.
 
-Built like tests/variants.py's artefacts: in the session's shared folder, under a
-`filelock.FileLock`, by the first xdist worker that asks; the others wait and find it done. It
-holds what timm's `train.py` would leave and what a user would classify:
+Built once per session, across xdist workers (tests/build_once.py), in the session's shared
+folder. It holds what timm's `train.py` would leave and what a user would classify:
 
 - `checkpoint.pth.tar`: the example's `save_checkpoint` (`state_dict`, `state_dict_ema`,
   `optimizer`, `args`, ...), trained with the example's recipe (`EPOCHS`, seed 0);
@@ -20,13 +19,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .build_once import build_once
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "train_convert_pipeline.py"
 SEED = 0
@@ -70,28 +69,20 @@ class DigitsRun:
 
 
 def digits_store(root: Path):
-    """`get() -> DigitsRun`: trains under the lock if no worker did, then loads."""
-    from filelock import FileLock
-
-    root.parent.mkdir(parents=True, exist_ok=True)
+    """`get() -> DigitsRun`: trains if no worker did (`build_once`), then loads."""
     loaded: list[DigitsRun] = []
 
     def get() -> DigitsRun:
         if not loaded:
-            with FileLock(root.with_name(root.name + ".lock")):
-                if not root.is_dir():
-                    _build(root)
-            loaded.append(DigitsRun(root))
+            loaded.append(DigitsRun(build_once(root, _build)))
         return loaded[0]
 
     return get
 
 
-def _build(root: Path) -> None:
-    """Train, save and write the held-out PNGs beside `root`, then rename it into place."""
+def _build(tmp: Path) -> None:
+    """Train, save and write the held-out PNGs to `tmp`."""
     ex = example()
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     train_images, train_labels, test_images, test_labels = ex.digits_split(seed=SEED)
     start = time.perf_counter()
@@ -106,4 +97,3 @@ def _build(root: Path) -> None:
         "train_seconds": round(train_seconds, 1),
     }
     (tmp / "run.json").write_text(json.dumps(run))
-    os.rename(tmp, root)

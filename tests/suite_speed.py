@@ -1,4 +1,5 @@
-"""pytest plugin (loaded by conftest.py): how the suite runs fast, not what it checks.
+"""pytest plugin (loaded by conftest.py): how the suite runs fast, not what it checks, and
+what each test file costs (`--time-table PATH`).
 
 Under pytest-xdist each worker gets its share of the cores for torch, and `-n N` steals work
 instead of handing out fixed chunks; the queue is grouped by variant (tests/variants.py) with
@@ -6,8 +7,12 @@ the longest case first; what collecting made is frozen out of the garbage collec
 Imported before torch in each worker: the thread count is set at import.
 """
 
+import ast
 import gc
 import os
+import sys
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +22,8 @@ def _share_the_cores() -> int | None:
 
     Left alone, every worker (and every `deit-port` subprocess a test starts) runs as many
     threads as the machine has cores, so `-n auto` on 2 cores runs 4 busy threads on 2 cores,
-    and torch's OpenMP threads spin waiting for each other (docs/measurements.md, "Threads
-    under xdist"). Set before torch is imported (OMP_NUM_THREADS, inherited by subprocesses);
+    and torch's OpenMP threads spin waiting for each other (docs/measurements.md, "Test-suite
+    time"). Set before torch is imported (OMP_NUM_THREADS, inherited by subprocesses);
     a value the user set is kept."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
@@ -69,8 +74,81 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Put what importing and collecting made (torch, timm, transformers: some 450 000 objects
-    that live as long as the process) out of the cyclic garbage collector's reach: a full
-    collection then scans only what the tests made, 0.4 s less each (pytest runs two at the
-    end of the session, Python its own while tests run). Nothing made by a test is frozen."""
+    """Put what importing and collecting made (torch, timm, transformers: objects that live as
+    long as the process) out of the cyclic garbage collector's reach: a full collection (pytest
+    runs two at the end of the session, Python its own while tests run) then scans only what
+    the tests made. Nothing made by a test is frozen."""
     gc.freeze()
+
+
+# --- what each file costs -------------------------------------------------------------------
+
+_BEGIN, _END = "<!-- time-table -->", "<!-- /time-table -->"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--time-table",
+        metavar="PATH",
+        help="write, per test file, its cases and the sum of their durations (set-up, call, "
+        "tear-down) as a markdown table into PATH, between the lines "
+        f"{_BEGIN} and {_END} if PATH has them (docs/measurements.md is written this way)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    path = config.getoption("--time-table")
+    if not path:
+        return
+    seconds: dict[str, float] = defaultdict(float)
+    outcomes: dict[str, dict[str, str]] = defaultdict(dict)
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            nodeid = getattr(report, "nodeid", "")
+            if not nodeid.startswith("tests/") or not hasattr(report, "duration"):
+                continue
+            file = nodeid.split("::")[0]
+            seconds[file] += report.duration
+            if report.when == "call" or report.outcome != "passed":
+                outcomes[file][nodeid] = report.outcome
+    rows = []
+    for file in sorted(seconds, key=lambda f: -seconds[f]):
+        counts = defaultdict(int)
+        for outcome in outcomes[file].values():
+            counts[outcome] += 1
+        cases = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
+        rows.append(f"| {file} | {cases} | {seconds[file]:.0f} | {_first_line(file)} |")
+    total = sum(seconds.values())
+    args = " ".join(config.invocation_params.args)
+    table = "\n".join(
+        [
+            "```sh",
+            f"HYPOTHESIS_PROFILE=ci python -m pytest {args}",
+            "```",
+            "",
+            (
+                f"Python {sys.version.split()[0]}, {os.cpu_count()} cores; seconds: the sum of "
+                f"each case's set-up, call and tear-down durations, {total:.0f} s in all."
+            ),
+            "",
+            "| file | cases | seconds | what it proves (its docstring's first sentence) |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
+    target = Path(path)
+    text = target.read_text() if target.is_file() else ""
+    if _BEGIN in text and _END in text:
+        head, rest = text.split(_BEGIN, 1)
+        text = f"{head}{_BEGIN}\n{table}\n{_END}{rest.split(_END, 1)[1]}"
+    else:
+        text = f"{_BEGIN}\n{table}\n{_END}\n"
+    target.write_text(text)
+    terminalreporter.write_line(f"time table written to {path}")
+
+
+def _first_line(file: str) -> str:
+    """The first sentence of a test file's module docstring, as a table cell."""
+    doc = ast.get_docstring(ast.parse(Path(file).read_text())) or ""
+    sentence = doc.split("\n\n")[0].replace("\n", " ").split(". ")[0].rstrip(".")
+    return sentence.replace("|", "\\|") + "."

@@ -10,7 +10,8 @@ from deit_port.arch import ArchSpec
 from deit_port.mapping import hf_shapes, timm_shapes
 from deit_port.registry import build_on_meta
 
-from .util import DEIT_VARIANTS, FAST_VARIANTS, TINY, TINY_DISTILLED
+from .util import DEIT_VARIANTS, FAST_VARIANTS, TINY, TINY_DISTILLED, VIT_VARIANTS
+from .variants import variant_params
 
 # (embed_dim, depth, heads, patch, img) from the DeiT and DeiT III papers, by size name.
 PUBLISHED = {
@@ -38,21 +39,16 @@ def _registered_meta_model(name):
         return timm.create_model(name, pretrained=False)
 
 
-def _parametrized_ids(test, argname: str) -> list[str]:
-    """The ids of a test's `@pytest.mark.parametrize(argname, ...)` cases."""
-    (mark,) = [m for m in test.pytestmark if m.name == "parametrize" and m.args[0] == argname]
-    return [p.id for p in mark.args[1]]
-
-
-def test_every_deit_timm_registers_has_a_parity_case():
+def test_every_deit_timm_registers_has_a_per_variant_case():
     """The variants are whatever the installed timm registers (no count pinned to a release):
-    each has a case in the parity suite, and the fast ones are among them."""
-    from . import test_parity
-
+    each is among the per-variant cases' parameters (`variant_params`, which the parity and
+    preprocessing cases parametrize over), and the fast ones are among them."""
     registered = sorted(timm.list_models("deit*"))
     assert registered, "timm registers no DeiT model"
-    assert _parametrized_ids(test_parity.test_variant_parity, "variant") == registered
-    assert FAST_VARIANTS <= set(registered), sorted(FAST_VARIANTS - set(registered))
+    ids = [p.id for p in variant_params()]
+    assert ids == sorted(ids) and set(registered) <= set(ids), sorted(set(registered) - set(ids))
+    assert set(VIT_VARIANTS) <= set(ids) and len(ids) == len(set(ids)), ids
+    assert FAST_VARIANTS <= set(ids), sorted(FAST_VARIANTS - set(ids))
 
 
 @pytest.mark.parametrize("variant", DEIT_VARIANTS)

@@ -4,11 +4,11 @@ copies (examples/web/index.html).
 
 Every folder is given `HF_DIR/onnx/` by `deit-port export-onnx HF_DIR/`, the command a user
 runs, and nothing else. The three fast variants are converted at depth 2, as tests/test_onnx.py
-exports them (the structure of each family, a third of a 12-block export's time: 6 s of CPU
-instead of 19 s here); the trained digits model of examples/train_convert_pipeline.py (the
-session's `digits_run`, shared with tests/test_real_training.py) as it is. Each folder, and
-each node or Chromium run on it, is made once per session (under a file lock, in the session's
-shared folder, as tests/variants.py does) and read by the cases below.
+exports them (the structure of each family, at a fraction of a 12-block export's time); the
+trained digits model of examples/train_convert_pipeline.py (the session's `digits_run`,
+shared with tests/test_real_training.py) as it is. Each folder, and
+each node or Chromium run on it, is made once per session (tests/build_once.py) and read by
+the cases below.
 
 What is compared, and the bounds:
 - the model alone, timm's pixel values fed in: logits within `MODEL_ONLY_ATOL` (1e-4);
@@ -45,9 +45,18 @@ from deit_port import cli
 from deit_port.errors import ParityError
 from deit_port.onnx_export import MODEL_FILE, QUANTIZED_FILE, quantize_onnx
 
+from .build_once import build_once, session_root
 from .digits import example
-from .util import ATOL_MEASURED, FAST_VARIANTS, MODEL_IMAGES, model_output, sample_images
-from .variants import session_root
+from .util import (
+    ATOL_MEASURED,
+    FAST_VARIANTS,
+    MODEL_IMAGES,
+    SEED,
+    TINY,
+    model_output,
+    need_module,
+    sample_images,
+)
 from .web import classify, f32_base64, headless, need, read_f32, run_module, serve, write_f32
 
 MODEL_ONLY_ATOL = ATOL_MEASURED  # 1e-4: the ONNX file computes what timm computes
@@ -62,40 +71,19 @@ MIN_Q8_AGREEMENT = 0.98  # the floor for int8 vs float32 top-1 on the digits
 MAX_Q8_ACCURACY_DROP = 0.01  # one point of held-out accuracy
 BROWSER_DIGITS = 100  # held-out digits the page classifies (WASM; node classifies all 450)
 IMAGES_IN_CHECK = 6  # digits given to `export-onnx --image` (the int8 check's batch)
-TINY = "deit_tiny_patch16_224"
 # The fast variants, each a folder of its own in node: DeiT tiny in every run, the distilled
 # one (transformers.js's DeiT class with the teacher) and DeiT III under --runslow, so that
-# `-k tiny` builds one folder (an export and a quantization, ~6 s), not two.
+# `-k tiny` builds one folder (an export and a quantization), not two.
 FAST = [
     pytest.param(name, id=name, marks=() if name == TINY else pytest.mark.slow)
     for name in sorted(FAST_VARIANTS)
 ]
-SEED, DEPTH = 1234, 2
-
-
-def _lock(path: Path):
-    from filelock import FileLock
-
-    return FileLock(path.with_name(path.name + ".lock"))
-
-
-def _once(path: Path, build) -> Path:
-    """`path`, built by `build(tmp)` under a lock by the first worker of the session that asks
-    (a file, or a folder), renamed into place when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(path):
-        if not path.exists():
-            tmp = path.with_name(path.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.unlink(missing_ok=True)
-            build(tmp)
-            tmp.rename(path)
-    return path
+DEPTH = 2
 
 
 @pytest.fixture(scope="session")
 def web_root(tmp_path_factory) -> Path:
-    return session_root(tmp_path_factory).parent / "web"
+    return session_root(tmp_path_factory) / "web"
 
 
 # --- the fast variants: a shared folder each, node runs on it -------------------------------
@@ -185,12 +173,12 @@ def _build_web_folder(name: str, tmp: Path) -> None:
 @pytest.fixture(scope="session")
 def web_folder(web_root):
     """`get(name) -> WebFolder`, made once per session."""
-    pytest.importorskip("onnxruntime")
+    need_module("onnxruntime")
     made: dict[str, WebFolder] = {}
 
     def get(name: str) -> WebFolder:
         if name not in made:
-            root = _once(web_root / name, lambda tmp: _build_web_folder(name, tmp))
+            root = build_once(web_root / name, lambda tmp: _build_web_folder(name, tmp))
             made[name] = WebFolder(name, root)
         return made[name]
 
@@ -219,7 +207,7 @@ def node_run(web_folder):
             )
             (tmp / "out.json").write_text(json.dumps(out))
 
-        done = _once(w.root / "node-fp32", build)
+        done = build_once(w.root / "node-fp32", build)
         out = json.loads((done / "out.json").read_text())
         return w, out, read_f32(done / "pixel_values.f32", image_shape)
 
@@ -352,7 +340,7 @@ def test_an_existing_onnx_folder_is_kept_without_overwrite(variant, web_folder, 
     ids=["out-with-folder-option", "fraction", "source-without-model"],
 )
 def test_export_onnx_folder_bad_input_exits_2(tmp_path, capsys, args, message):
-    pytest.importorskip("onnxruntime")
+    need_module("onnxruntime")
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
@@ -368,7 +356,7 @@ def test_an_int8_model_below_the_asked_agreement_is_not_written(variant, web_fol
     """`quantize_onnx(..., min_top1=1.0)`: ParityError, and no file. The batch is 16 N(0, 1)
     tensors, on which int8 changes the random-weight model's top-1 on some (measured: 14 of 16
     kept; random weights give near-flat logits: the check reports, it gates only when asked)."""
-    pytest.importorskip("onnxruntime")
+    need_module("onnxruntime")
     model = web_folder(variant).folder / "onnx" / MODEL_FILE
     x = torch.randn((16, 3, 224, 224), generator=torch.Generator().manual_seed(0))
     out = tmp_path / "q.onnx"
@@ -415,7 +403,7 @@ class Digits:
 def digits(web_root, digits_run):
     """The digits folder: `convert` + `export-onnx HF_DIR MODEL --checkpoint --ema` (MODEL
     given: the ONNX file is compared with timm too); once per session."""
-    pytest.importorskip("onnxruntime")
+    need_module("onnxruntime")
     ex = example()
     run = digits_run()
     ckpt = ["--checkpoint", str(run.checkpoint), "--ema"]
@@ -440,7 +428,7 @@ def digits(web_root, digits_run):
             assert image.width == image.height, p  # the digits are square: both edges are `edge`
             image.resize((edge, edge), Image.Resampling.BICUBIC).save(tmp / "resized" / p.name)
 
-    root = _once(web_root / "digits", build)
+    root = build_once(web_root / "digits", build)
     ema = run.timm_model(ema=True)
     pixels = read_f32(root / "timm_pixels.f32", (len(run.pngs), 3, ex.IMG_SIZE, ex.IMG_SIZE))
     logits = model_output(ema, pixels)
@@ -483,7 +471,7 @@ def digits_node(request) -> DigitsNode:
             )
             (tmp / "out.json").write_text(json.dumps(out))
 
-        done = _once(digits.root / f"node-{dtype}", build)
+        done = build_once(digits.root / f"node-{dtype}", build)
         runs[dtype] = json.loads((done / "out.json").read_text())
     top1 = {}
     for dtype, out in runs.items():
@@ -505,7 +493,7 @@ def _accuracy(top1: np.ndarray, labels: np.ndarray) -> float:
 def test_digits_node_fp32_gives_timms_top1(digits_node, record_property):
     """Model alone (timm's pixel values): timm's top-1 on every held-out image, logits within
     1e-4. End to end (the 8 px PNGs through transformers.js's processor, which upscales them
-    to 18 px with another kernel and alignment than PIL): the images whose top-1 differs from
+    to 17 px with another kernel and alignment than PIL): the images whose top-1 differs from
     timm's are counted, and each is explained by the resize: timm's own model on
     transformers.js's pixel values gives transformers.js's top-1 on every image, and the same
     PNGs resized by PIL first (nothing left for transformers.js to resize) get timm's top-1
@@ -640,7 +628,7 @@ def browser(web_root, web_folder, request):
         (tmp / "results.json").write_text(json.dumps(results))
         shutil.rmtree(serve_root)
 
-    done = _once(site, build)
+    done = build_once(site, build)
     return json.loads((done / "results.json").read_text())
 
 

@@ -39,16 +39,22 @@ from deit_port.errors import CheckpointError, LabelsError, OutputError
 from deit_port.io import atomic_folder, write_error_cause
 from deit_port.labels import read_labels
 
-from .util import TINY, cli_error_line, nothing_written, one_error_line, random_timm_model
+from .util import (
+    TINY,
+    cli_error_line,
+    need_module,
+    nothing_written,
+    one_error_line,
+    random_timm_model,
+    skip_or_fail,
+)
 
 MiB = 1 << 20
 
 
 def _cannot(reason: str):
     """Skip, or under CI=true fail: CI can make these faults, so they must be made there."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: this fault must be tested, not skipped)")
-    pytest.skip(reason)
+    skip_or_fail(reason)
 
 
 @pytest.fixture
@@ -166,7 +172,7 @@ def _write_2_mib(writer: str, path: Path) -> None:
     if writer == "safetensors":  # a Rust writer: SafetensorError, "... (os error 28)"
         save_file({"w": weights}, path / "model.safetensors")
     elif writer == "onnx":  # onnx.save_model: Python's file writes
-        onnx = pytest.importorskip("onnx")
+        onnx = need_module("onnx")
         from onnx import helper, numpy_helper
 
         init = numpy_helper.from_array(weights.numpy(), "w")

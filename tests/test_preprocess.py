@@ -43,7 +43,6 @@ from .util import (
     ATOL_MEASURED,
     DEVICE,
     FAST_VARIANTS,
-    MODEL_IMAGES,
     TINY,
     cli_error_line,
     sample_images,
@@ -203,15 +202,17 @@ def test_crop_offset_tie_is_one_pixel(tiny_folder, tiny_timm):
     ],
 )
 @pytest.mark.parametrize("variant", variant_params())
-@torch.inference_mode()
 def test_end_to_end_logits(variant, converted_variant, backend, atol, bound, record_property):
-    """timm transform + timm model (their logits computed when the variant was built) vs the
-    folder's processor + transformers model."""
+    """timm transform + timm model vs the folder's processor + transformers model, on the
+    variant's model images (all four for the fast variants, one for the others: what a size
+    adds, the input size and the crop, one image shows). Both sides' logits come from their
+    model's one pass (tests/variants.py): timm's when the variant was built, transformers' on
+    the processor's pixel values of these images, both backends in one batch."""
     converted = converted_variant(variant)
-    images = [sample_images()[n].convert("RGB") for n in MODEL_IMAGES]
-    expected = torch.stack([converted.image_logits[n] for n in MODEL_IMAGES])
-    processor = AutoImageProcessor.from_pretrained(converted.folder, backend=backend)
-    actual = converted.hf_model(pixel_values=_pixels(processor, images).to(DEVICE)).logits.cpu()
+    names = converted.images
+    expected = torch.stack([converted.image_logits[n] for n in names])
+    outputs = converted.hf_outputs.images[backend]
+    actual = torch.stack([outputs[n] for n in names])
     diff = (actual - expected).abs()
     record_property("variant", f"{variant} (image->logits, {backend} backend)")
     record_property("max_abs_diff", float(diff.max()))
@@ -235,16 +236,17 @@ def test_end_to_end_logits(variant, converted_variant, backend, atol, bound, rec
     assert torch.equal(*top1), f"{variant} ({backend}): top-1 {top1[0]} vs timm {top1[1]}"
 
 
-@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("variant", variant_params(sorted(FAST_VARIANTS)))
 def test_pipeline_top5_matches_timm(variant, converted_variant):
     """`pipeline("image-classification", model=folder)`, given the images as they are (RGBA
-    and grayscale included), returns timm's top-5 labels. The big variants take the RGBA
-    image alone: what the pipeline does to an image's mode is the processor's, the same for
-    every variant (the fast ones take all three); what differs by variant (the model class,
-    the input size, the crop) one image shows, and each image is a forward pass of seconds."""
+    and grayscale included), returns timm's top-5 labels. A pass of its own: what is tested is
+    the pipeline's path (it loads the folder itself, picks the model class from its config,
+    reads the processor, names the classes from id2label), which belongs to a family, not a
+    size: the fast variants, one of each family, run it; the other variants' logits end to
+    end through both backends are `test_end_to_end_logits`'."""
     converted = converted_variant(variant)
     images = sample_images()
-    names = ["landscape", "rgba", "grayscale"] if variant in FAST_VARIANTS else ["rgba"]
+    names = ["landscape", "rgba", "grayscale"]
     id2label = json.loads((converted.folder / "config.json").read_text())["id2label"]
     timm_top5 = [converted.image_logits[n].topk(5).indices for n in names]
     pipe = pipeline("image-classification", model=str(converted.folder), device=DEVICE)

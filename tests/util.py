@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 import timm
 import torch
 from PIL import Image
@@ -27,8 +28,16 @@ DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
 TINY = "deit_tiny_patch16_224"
 TINY_DISTILLED = "deit_tiny_distilled_patch16_224"
 
-# Every DeiT architecture timm registers, sorted; the tests parametrize over this list.
+# The seed of the session's shared models (tests/variants.py) and of the cases that build
+# their own of the same variant.
+SEED = 1234
+
+# Every DeiT architecture timm registers, sorted, and the plain timm ViTs the suite converts
+# per variant: the per-variant tests parametrize over VARIANTS (tests/variants.py).
 DEIT_VARIANTS = sorted(timm.list_models("deit*"))
+VIT_VARIANTS: list[str] = []
+VARIANTS = sorted(DEIT_VARIANTS + VIT_VARIANTS)
+# One variant of each family, small: every case runs on these; the others under --runslow.
 FAST_VARIANTS = {TINY, TINY_DISTILLED, "deit3_small_patch16_224"}
 
 # The contract, and how much tighter the conversion really is (measured: docs/parity-variants.md).
@@ -53,8 +62,32 @@ def random_timm_model(name: str | ArchSpec, seed: int = 0, **kwargs) -> torch.nn
 
 
 # The images the models see in the preprocessing cases (a subset of `sample_images`, to keep
-# the forward passes short).
+# the forward passes short); a variant outside FAST_VARIANTS sees the first alone: what its
+# size adds to the processor's path (the input size, the crop) one image shows.
 MODEL_IMAGES = ("landscape", "smaller_than_crop", "rgba", "grayscale")
+
+
+def model_images(name: str) -> tuple[str, ...]:
+    """The `MODEL_IMAGES` the models of variant `name` see end to end."""
+    return MODEL_IMAGES if name in FAST_VARIANTS else MODEL_IMAGES[:1]
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip with `reason`, or under CI=true fail with it: what CI installs (an optional runtime,
+    a fault it can make) must be tested there, never skipped in silence."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: this must be tested, not skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+def need_module(name: str, extra: str = "onnx"):
+    """`import name`, or `skip_or_fail` saying which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        skip_or_fail(f"{name} is not installed: pip install 'deit-port[{extra}]'")
 
 
 def _rgba(seed: int, size: tuple[int, int]) -> Image.Image:

@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
+
+from .util import skip_or_fail
 
 WEB = Path(__file__).parents[1] / "examples" / "web"
 PACKAGES = {"@huggingface/transformers": "4.3.1", "puppeteer-core": "24.43.1"}  # package.json
@@ -54,9 +55,7 @@ def need(*what: str) -> None:
         reason = _missing(item)
         if reason is None:
             continue
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the transformers.js tests: {reason}", pytrace=False)
-        pytest.skip(reason)
+        skip_or_fail(f"transformers.js tests: {reason}")
 
 
 @functools.cache
@@ -102,7 +101,7 @@ def f32_base64(text: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _threads() -> str:
-    """The onnxruntime threads a node run may use: the worker's share (conftest.py)."""
+    """The onnxruntime threads a node run may use: the worker's share (tests/suite_speed.py)."""
     return os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)
 
 
