@@ -137,6 +137,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
             args.output_file,
             args.model,
             overwrite=args.overwrite,
+            external_data=args.external_data or None,
             **_source_kwargs(args),
         )
     return _report_written(report.output, report)
@@ -178,6 +179,7 @@ def _cmd_export_onnx_folder(args: argparse.Namespace) -> int:
             images=images,
             min_top1=args.min_q8_agreement,
             overwrite=args.overwrite,
+            external_data=args.external_data or None,
             **kwargs,
         )
     return _report_written(report.folder, report)
@@ -460,6 +462,12 @@ def _add_export_onnx(sub, common: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace an existing output file or HF_DIR/onnx"
     )
     add_onnx_folder_options(p)
+    p.add_argument(  # issue 27
+        "--external-data",
+        action="store_true",
+        help="write the weights beside the graph whatever their size (done past 2 GB anyway); "
+        "in HF_DIR/onnx/ as model.onnx_data, recorded in config.json for transformers.js",
+    )
     p.set_defaults(func=_cmd_export_onnx, prepare=_export_onnx_positionals)
 
 

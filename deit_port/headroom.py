@@ -73,11 +73,10 @@ def estimate_convert(model: nn.Module, *, verify: bool = True, dtype: str = "flo
     return need + _SLACK
 
 
-def estimate_export(weights: int, *, quantize: bool = False) -> int:
-    """Bytes an ONNX export of a model with `weights` float32 bytes needs: the torch model, the
-    exported graph's tensors, the onnxruntime session checking it (and with `quantize`, the
-    int8 file's session beside the float32 one)."""
-    return 3 * weights + (weights // 4 if quantize else 0) + _SLACK
+def estimate_export(weights: int) -> int:
+    """Bytes an ONNX export of a model with `weights` float32 bytes needs: the transformers
+    model, the exported graph's tensors, the onnxruntime session checking it."""
+    return 3 * weights + _SLACK
 
 
 def check_memory(need: int, what: str, *, instead: tuple[str, int] | None = None) -> None:
@@ -120,9 +119,10 @@ def check_convert(
         check_memory(need, "a conversion")
 
 
-def check_export(folder: str | os.PathLike, *, quantize: bool = False) -> None:
-    """`check_memory` for an ONNX export of the transformers folder `folder`: its weights'
-    size from its safetensors files, in float32."""
+def check_export(folder: str | os.PathLike, *, with_timm: bool = False) -> None:
+    """`check_memory` for an ONNX export of the transformers folder `folder` (its weights'
+    size from its safetensors files, in float32), with the timm model beside it where the
+    export is compared with timm (`with_timm`)."""
     folder = Path(folder)
     stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     try:
@@ -130,7 +130,8 @@ def check_export(folder: str | os.PathLike, *, quantize: bool = False) -> None:
     except (OSError, ValueError):
         config = {}
     half = (config.get("dtype") or config.get("torch_dtype")) in ("float16", "bfloat16")
-    check_memory(estimate_export(stored * (2 if half else 1), quantize=quantize), "an ONNX export")
+    weights = stored * (2 if half else 1)
+    check_memory(estimate_export(weights) + (weights if with_timm else 0), "an ONNX export")
 
 
 def memory_error(e: BaseException) -> MemoryShortError | None:

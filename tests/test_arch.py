@@ -51,7 +51,8 @@ def test_every_deit_timm_registers_has_a_parity_case():
 
     registered = sorted(timm.list_models("deit*"))
     assert registered, "timm registers no DeiT model"
-    assert _parametrized_ids(test_parity.test_variant_parity, "variant") == registered
+    ids = _parametrized_ids(test_parity.test_variant_parity, "variant")
+    assert sorted(set(registered) - set(ids)) == [], "DeiTs without a parity case"
     assert FAST_VARIANTS <= set(registered), sorted(FAST_VARIANTS - set(registered))
 
 

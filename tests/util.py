@@ -29,7 +29,26 @@ TINY_DISTILLED = "deit_tiny_distilled_patch16_224"
 
 # Every DeiT architecture timm registers, sorted; the tests parametrize over this list.
 DEIT_VARIANTS = sorted(timm.list_models("deit*"))
-FAST_VARIANTS = {TINY, TINY_DISTILLED, "deit3_small_patch16_224"}
+# The plain timm ViTs whose shape adds something to the DeiTs (`deit-port list --all` has
+# them all): patch 32 (at 224 and 384 px), patch 8, DINOv2's layer-scale patch 14 at 518 px,
+# the `plus` width (896, 14 heads).
+VIT_VARIANTS = sorted(
+    [
+        "vit_base_patch32_plus_256",
+        "vit_small_patch14_dinov2",
+        "vit_small_patch32_224",
+        "vit_small_patch32_384",
+        "vit_small_patch8_224",
+    ]
+)
+# timm builds these without a classifier (num_classes=0): the suite gives them 10 classes, as
+# a fine-tune would, so that every variant has logits and an image-classification pipeline.
+VARIANT_KWARGS = {
+    "vit_small_patch14_dinov2": {"num_classes": 10},
+    "vit_small_patch8_224": {"num_classes": 10},
+}
+VARIANTS = sorted(DEIT_VARIANTS + VIT_VARIANTS)
+FAST_VARIANTS = {TINY, TINY_DISTILLED, "deit3_small_patch16_224", "vit_small_patch32_224"}
 
 # The contract, and how much tighter the conversion really is (measured: docs/parity-variants.md).
 ATOL_CONTRACT = 1e-3

@@ -33,7 +33,7 @@ API, for test modules:
         actual = model_output(c.hf_model, c.inputs)
         torch.testing.assert_close(actual, c.expected, atol=..., rtol=0)
 
-- `variant_params(names=DEIT_VARIANTS)`: `pytest.param`s with the timm name as id (so `-k tiny`
+- `variant_params(names=VARIANTS)`: `pytest.param`s with the timm name as id (so `-k tiny`
   selects), marked `slow` outside `FAST_VARIANTS`. Name the argument `variant`.
 - the session fixture `converted_variant` (conftest.py) returns `get(name) -> Converted` with:
   `.name` (timm name), `.spec` (`ArchSpec`), `.folder` (the converted transformers folder),
@@ -65,7 +65,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from .util import DEIT_VARIANTS, DEVICE, FAST_VARIANTS, MODEL_IMAGES, model_output, sample_images
+from .util import (
+    DEVICE,
+    FAST_VARIANTS,
+    MODEL_IMAGES,
+    VARIANT_KWARGS,
+    VARIANTS,
+    model_output,
+    sample_images,
+)
 
 __all__ = ["SEED", "Converted", "group_by_variant", "variant_params"]
 
@@ -75,11 +83,11 @@ _FIXTURE = "converted_variant"
 
 
 def variant_params(names=None) -> list:
-    """`pytest.param`s for `names` (default: every timm DeiT variant, sorted), id = the timm
-    name, marked `slow` outside `FAST_VARIANTS`."""
+    """`pytest.param`s for `names` (default: every variant, `VARIANTS`: the DeiTs and the
+    plain ViTs, sorted), id = the timm name, marked `slow` outside `FAST_VARIANTS`."""
     return [
         pytest.param(name, id=name, marks=() if name in FAST_VARIANTS else pytest.mark.slow)
-        for name in (DEIT_VARIANTS if names is None else names)
+        for name in (VARIANTS if names is None else names)
     ]
 
 
@@ -104,7 +112,7 @@ class Converted:
     def meta_model(self) -> torch.nn.Module:
         from deit_port.registry import build_on_meta
 
-        return build_on_meta(self.name)
+        return build_on_meta(self.name, **VARIANT_KWARGS.get(self.name, {}))
 
     @functools.cached_property
     def spec(self):
@@ -124,7 +132,7 @@ class Converted:
 
         from deit_port.registry import build_on_meta
 
-        model = build_on_meta(self.name)
+        model = build_on_meta(self.name, **VARIANT_KWARGS.get(self.name, {}))
         model.load_state_dict(load_file(self.checkpoint), strict=True, assign=True)
         return model.eval().to(DEVICE)
 
@@ -161,8 +169,8 @@ def variant_store(root: Path):
     loaded: dict[str, Converted] = {}
 
     def get(name: str) -> Converted:
-        if name not in DEIT_VARIANTS:
-            raise ValueError(f"{name!r} is not a timm DeiT variant; see tests/util.DEIT_VARIANTS")
+        if name not in VARIANTS:
+            raise ValueError(f"{name!r} is not a suite variant; see tests/util.VARIANTS")
         if name in loaded:
             return loaded[name]
         if name not in FAST_VARIANTS:  # keep one big variant in memory
@@ -192,7 +200,8 @@ def _build(name: str, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model = random_timm_model(name, seed=SEED)
+    kwargs = VARIANT_KWARGS.get(name, {})
+    model = random_timm_model(name, seed=SEED, **kwargs)
     inputs = parity_inputs(model, n=N_INPUTS, seed=SEED)
     transform = create_transform(**data_config(model))
     images = sample_images()
@@ -207,7 +216,9 @@ def _build(name: str, folder: Path) -> None:
     del model
     if name not in FAST_VARIANTS:  # a full collection costs 0.4 s; worth it for 2.4 GB
         gc.collect()
-    convert_deit_checkpoint(name, tmp / "hf", checkpoint=tmp / "timm.safetensors", verify=False)
+    convert_deit_checkpoint(
+        name, tmp / "hf", checkpoint=tmp / "timm.safetensors", model_kwargs=kwargs, verify=False
+    )
     os.rename(tmp, folder)
 
 
