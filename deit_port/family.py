@@ -78,10 +78,11 @@ def walk_family(names: Iterable[str] | None = None) -> Family:
     return family
 
 
-def print_family(refused: bool = False) -> None:
+def print_family(refused: bool = False, names: Iterable[str] | None = None) -> None:
     """`deit-port list --all`: each convertible name and its transformers class, then the
-    count; with `refused` (`--refused`): the refused names grouped by feature, with counts."""
-    family = walk_family()
+    count; with `refused` (`--refused`): the refused names grouped by feature, with counts.
+    `names`: the names to walk (default: `family_names()`)."""
+    family = walk_family(names)
     if not refused:
         width = max(map(len, family.convertible), default=0)
         for name, target in family.convertible.items():
@@ -91,8 +92,8 @@ def print_family(refused: bool = False) -> None:
             f"{'/'.join(FAMILY_PATTERNS)} names convert (`deit-port list --refused`: the others)"
         )
         return
-    for feature, names in family.refused_by_feature().items():
-        print(f"{feature} ({len(names)}): {' '.join(names)}")
+    for feature, group in family.refused_by_feature().items():
+        print(f"{feature} ({len(group)}): {' '.join(group)}")
     print(
         f"{len(family.refused)} of {len(family.convertible) + len(family.refused)} timm "
         f"{'/'.join(FAMILY_PATTERNS)} names refused, by the feature transformers' ViT/DeiT "

@@ -107,10 +107,17 @@ def check_convert(
     name: str, model_kwargs: dict | None, *, verify: bool, dtype: str = "float32"
 ) -> None:
     """`check_memory` for converting the timm model `name` (built on the meta device), before
-    its weights are loaded; a verified conversion that does not fit names `--no-verify`'s need."""
+    its weights are loaded; a verified conversion that does not fit names `--no-verify`'s need.
+
+    Raises:
+        UnsupportedModelError: the model cannot be converted (`ArchSpec.from_timm`), first.
+        MemoryShortError: it does not fit.
+    """
+    from .arch import ArchSpec
     from .registry import build_on_meta, resolve_model_name
 
     model = build_on_meta(resolve_model_name(name).split(".", 1)[0], **(model_kwargs or {}))
+    ArchSpec.from_timm(model)  # a model that cannot be converted is refused for that first
     need = estimate_convert(model, verify=verify, dtype=dtype)
     if verify:
         less = estimate_convert(model, verify=False, dtype=dtype)
