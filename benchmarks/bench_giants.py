@@ -1,7 +1,7 @@
 """Benchmark: the giant ViTs (huge, giant, gigantic) converted with verification, time and peak
 RSS against the size of their weights.
 
-Run: `python benchmarks/bench_giants.py [--models ...] [--out docs/giants.md]`. Offline: each
+Run: `python benchmarks/bench_giants.py [--models ...] [--out docs/family.md]`. Offline: each
 model is `deit-port convert NAME OUT --init random` (seeded random weights, the parity check
 on), one at a time, each in a fresh process; the peak RSS is the child's maxrss. Before each,
 `MemAvailable` is read: a model whose verified conversion (deit_port's own estimate,
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 GIANTS = ["vit_huge_patch14_224", "vit_giant_patch14_224", "vit_gigantic_patch14_224"]
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "giants.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "family.md"
 STEP = re.compile(r"([a-z][a-z0-9 ]*) (\d+\.\d+) s")
 GIB = 1024**3
 
