@@ -305,7 +305,7 @@ def _export(
         verbose=False,
     )
     assert program is not None  # dynamo=True always returns the program
-    program.save(path, external_data=external_data)
+    program.save(path, **({"external_data": True} if external_data else {}))
     seconds = time.perf_counter() - start
     opsets = onnx.load(path, load_external_data=False).opset_import
     opset = next((o.version for o in opsets if o.domain in ("", "ai.onnx")), None)
