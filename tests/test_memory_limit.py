@@ -98,6 +98,7 @@ def test_export_onnx_under_a_too_low_limit_is_refused_before_loading(tmp_path):
     assert what == "an ONNX export" and need > have, r.stderr
 
 
+@pytest.mark.slow
 def test_an_allocation_that_fails_anyway_is_one_line(tmp_path):
     """`verify` checks no memory first: a 98304 px DeiT tiny (a 30 GB position embedding)
     under the limit fails in torch's allocator, and that is one line, exit 2, not a bug."""

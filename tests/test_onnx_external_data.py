@@ -4,8 +4,8 @@ points the graph at that file and records `transformers.js_config.use_external_d
 in config.json (`resolveExternalDataFormat`). A 2 GB model is not needed to test it:
 `--external-data` forces the same path on DeiT tiny at depth 2, which node then runs.
 
-The node case skips locally without node or the npm packages, and fails under CI=true
-(tests/web.py `need`)."""
+The node case (under --runslow, as test_browser.py's other non-tiny folders) skips locally
+without node or the npm packages, and fails under CI=true (tests/web.py `need`)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ def test_external_weights_are_named_as_transformers_js_loads_them(forced):
     assert config["transformers.js_config"]["use_external_data_format"] == {"model.onnx": 1}
 
 
+@pytest.mark.slow
 def test_external_weights_run_in_transformers_js(forced, tmp_path, record_property):
     """transformers.js in node, fp32, timm's pixel values: logits within 1e-4 of timm's."""
     need("node", "packages")
