@@ -100,8 +100,9 @@ class ArchSpec:
 
         if not isinstance(model, VisionTransformer):
             raise UnsupportedModelError(
-                f"{type(model).__name__} is not a timm VisionTransformer; "
-                "deit_port converts DeiT, distilled DeiT and DeiT III models"
+                f"{type(model).__name__} is not a timm VisionTransformer; deit_port converts "
+                "DeiT and the timm ViTs transformers' ViT can express (`deit-port list --all`)",
+                feature=f"model class {type(model).__name__}",
             )
         refuse = functools.partial(_refuse, type(model).__name__)
         _check_tokens_and_pooling(model, refuse)
@@ -183,8 +184,9 @@ def with_head(spec: ArchSpec, head: str | None) -> ArchSpec:
 
 def _refuse(model_type: str, feature: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"{model_type}: {feature} is not supported by transformers' ViT/DeiT; deit_port "
-        "converts class-token ViTs with pre-norm blocks only"
+        f"{model_type}: {feature} is not supported by transformers' ViT/DeiT; "
+        "`deit-port list --all` lists the timm ViTs deit_port converts",
+        feature=feature.split(": ", 1)[-1] if feature.startswith("block ") else feature,
     )
 
 
@@ -247,6 +249,11 @@ def _read_blocks(model: VisionTransformer, refuse: Callable[[str], Exception]) -
     norm: Any = model.norm
     if not blocks:
         raise refuse("a model without blocks")
+    # issue 27: the block type first (timm's ParallelThingsBlock has no ls1/mlp to read)
+    for i, blk in enumerate(blocks):
+        if type(blk) is not Block:
+            kind = "parallel blocks" if hasattr(blk, "attns") else "block type"
+            raise refuse(f"block {i}: {kind} {type(blk).__name__}")
     eps = {float(norm.eps)}
     layer_scale = isinstance(blocks[0].ls1, nn.Module) and hasattr(blocks[0].ls1, "gamma")
     mlp_hidden = blocks[0].mlp.fc1.out_features
@@ -254,8 +261,6 @@ def _read_blocks(model: VisionTransformer, refuse: Callable[[str], Exception]) -
     qkv_bias = blocks[0].attn.qkv.bias is not None
     for i, blk in enumerate(blocks):
         where = f"block {i}: "
-        if type(blk) is not Block:
-            raise refuse(where + f"block type {type(blk).__name__}")
         norms: list[Any] = [blk.norm1, blk.norm2]
         if not all(_is_layernorm(n) for n in norms):
             raise refuse(where + "a non-LayerNorm norm")

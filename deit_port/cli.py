@@ -137,6 +137,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
             args.output_file,
             args.model,
             overwrite=args.overwrite,
+            external_data=args.external_data or None,
             **_source_kwargs(args),
         )
     return _report_written(report.output, report)
@@ -178,6 +179,7 @@ def _cmd_export_onnx_folder(args: argparse.Namespace) -> int:
             images=images,
             min_top1=args.min_q8_agreement,
             overwrite=args.overwrite,
+            external_data=args.external_data or None,
             **kwargs,
         )
     return _report_written(report.folder, report)
@@ -318,6 +320,11 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 def _cmd_list(args: argparse.Namespace) -> int:
     from .registry import supported_models
 
+    if args.all or args.refused:  # issue 27: the whole family, walked (deit_port.family)
+        from .family import print_family
+
+        print_family(refused=args.refused)
+        return EXIT_OK
     print("\n".join(supported_models()))
     return EXIT_OK
 
@@ -361,7 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_onnx(sub, common)
     p = sub.add_parser("doctor", help="print library versions and where weights are looked up")
     p.set_defaults(func=_cmd_doctor)
-    p = sub.add_parser("list", help="list the supported timm model names")
+    p = sub.add_parser("list", help="list the timm DeiT names (--all: every timm ViT it converts)")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--all", action="store_true", help="every timm ViT-family name it converts, with its class"
+    )
+    shown.add_argument(
+        "--refused", action="store_true", help="why each other vit_*/deit* name is refused"
+    )
     p.set_defaults(func=_cmd_list)
     return parser
 
@@ -448,6 +462,12 @@ def _add_export_onnx(sub, common: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace an existing output file or HF_DIR/onnx"
     )
     add_onnx_folder_options(p)
+    p.add_argument(  # issue 27
+        "--external-data",
+        action="store_true",
+        help="write the weights beside the graph whatever their size (done past 2 GB anyway); "
+        "in HF_DIR/onnx/ as model.onnx_data, recorded in config.json for transformers.js",
+    )
     p.set_defaults(func=_cmd_export_onnx, prepare=_export_onnx_positionals)
 
 
@@ -505,7 +525,13 @@ def _run(args: argparse.Namespace) -> int:
     except DeitPortError as e:
         _error(first_line(e))
         return e.exit_code
-    except Exception:  # noqa: BLE001 -- not raised on purpose: a bug, reported as one
+    except Exception as e:  # noqa: BLE001 -- not raised on purpose: a bug, reported as one
+        from .headroom import memory_error
+
+        short = memory_error(e)  # issue 27: an allocation failed: memory, not a bug
+        if short is not None:
+            _error(first_line(short))
+            return short.exit_code
         traceback.print_exc()
         _error(
             "internal error (a bug in deit-port, not in your input): please report it with "

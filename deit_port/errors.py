@@ -10,6 +10,7 @@
     |   +-- ImageLoadError          an image cannot be read, fetched or decoded
     |   +-- UnsupportedModelError   the model cannot be expressed in transformers (TypeError too)
     |   +-- MissingExtraError       an optional stack (ONNX) is not installed
+    |   +-- MemoryShortError        the step needs more memory than the process may use
     +-- ParityFailure               1: the two models (or preprocessings) differ; nothing written
         +-- ParityError             logits or hidden states (`deit_port.parity`)
         +-- PreprocessingError      the image processor (`deit_port.preprocess`)
@@ -38,6 +39,7 @@ __all__ = [
     "ImageLoadError",
     "KeyMismatchError",
     "LabelsError",
+    "MemoryShortError",
     "MissingExtraError",
     "OutputError",
     "ParityError",
@@ -156,11 +158,22 @@ class ImageLoadError(BadInputError):
 
 
 class UnsupportedModelError(BadInputError, TypeError):
-    """The timm model has a structure transformers' ViT/DeiT cannot express, or is no ViT."""
+    """The timm model has a structure transformers' ViT/DeiT cannot express, or is no ViT;
+    `feature` names what (e.g. "register tokens"), for grouping refusals (`deit-port list
+    --refused`)."""
+
+    def __init__(self, message: str, feature: str | None = None) -> None:
+        super().__init__(message)
+        self.feature = feature or message
 
 
 class MissingExtraError(BadInputError):
     """An optional dependency (an extra such as `deit-port[onnx]`) is not installed."""
+
+
+class MemoryShortError(BadInputError, MemoryError):
+    """The step needs more memory than this process may use (checked first, or an allocation
+    that failed anyway); the message gives both figures and what to do."""
 
 
 class ParityFailure(DeitPortError):

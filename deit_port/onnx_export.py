@@ -38,6 +38,8 @@ from torch import nn
 from . import io
 from .arch import ArchSpec
 from .errors import BadInputError, MissingExtraError, ParityError
+from .headroom import check_export
+from .onnx_data import as_transformers_js_data, data_file, record_external_data
 from .parity import ParityReport, compare_tensors, parity_inputs, reference_outputs
 from .source import timm_source
 from .tolerances import DTYPE_ATOL, ONNX_ATOL
@@ -181,6 +183,7 @@ def export_onnx(
     ema: bool | None = None,
     overwrite: bool = False,
     atol: float = ONNX_ATOL,
+    external_data: bool | None = None,
 ) -> OnnxReport:
     """Export a transformers ViT/DeiT folder to ONNX, checked with onnxruntime, atomically.
 
@@ -196,6 +199,8 @@ def export_onnx(
         atol: the bound for onnxruntime vs transformers, and vs timm for a float32 folder
             (a float16/bfloat16 folder differs from timm by up to its `DTYPE_ATOL`). Before
             the export, the folder is checked against timm as `verify` checks it.
+        external_data: True writes the weights beside the graph (NAME.onnx.data) whatever
+            their size; None: only past torch's threshold (protobuf's 2 GB).
 
     Returns:
         An `OnnxReport` (every check passed).
@@ -214,6 +219,7 @@ def export_onnx(
     out = io.check_output_file(output, overwrite, suffix=".onnx")
     folder = Path(hf_dir)
     dtype = io.folder_dtype(io.read_folder_config(folder))
+    check_export(folder, with_timm=deit_name is not None)  # issue 27: memory, before loading
     timm_model = _timm_model(deit_name, init, seed, model_kwargs, checkpoint, ema)
     hf_model, spec = _load(folder, None if timm_model is None else ArchSpec.from_timm(timm_model))
     model = _Output(hf_model).eval()
@@ -235,10 +241,10 @@ def export_onnx(
     # the weights in float32 (past 1.5 GB, into NAME.onnx.data beside it); the graph (1.1 MiB
     # for DeiT tiny) is in the margin `check_free_space` adds
     nbytes = sum(v.nbytes for v in hf_model.state_dict().values())
-    files = 2 if nbytes > _EXTERNAL_DATA else 1
+    files = 2 if external_data or nbytes > _EXTERNAL_DATA else 1
     with io.atomic_file(out, overwrite, size=nbytes, files=files) as tmp:
         logger.info("exporting %s to ONNX", folder)
-        seconds, opset = _export(model, x, tmp, output_name)
+        seconds, opset = _export(model, x, tmp, output_name, external_data)
         logger.info("exported in %.1f s (opset %s); checking with onnxruntime", seconds, opset)
         checks += _check_onnx(tmp, model, timm_model, x, atol, timm_atol)
         result = _report(out, output_name, checks, seconds, opset)
@@ -282,7 +288,7 @@ def _inputs(timm_model: nn.Module | None, spec: ArchSpec, seed: int) -> torch.Te
 
 
 def _export(
-    model: nn.Module, x: torch.Tensor, path: Path, output_name: str
+    model: nn.Module, x: torch.Tensor, path: Path, output_name: str, external_data: bool | None
 ) -> tuple[float, int | None]:
     """Export `model` to `path` with a dynamic batch axis; `(seconds, opset)`. Weights over
     1.5 GB go beside it, into NAME.onnx.data."""
@@ -299,7 +305,7 @@ def _export(
         verbose=False,
     )
     assert program is not None  # dynamo=True always returns the program
-    program.save(path)
+    program.save(path, **({"external_data": True} if external_data else {}))
     seconds = time.perf_counter() - start
     opsets = onnx.load(path, load_external_data=False).opset_import
     opset = next((o.version for o in opsets if o.domain in ("", "ai.onnx")), None)
@@ -502,7 +508,7 @@ def _without_shape_annotations(model_file: Path):
     existing shape differ"), which torch's exporter writes for DeiT's classifier."""
     import onnx
 
-    if model_file.with_name(model_file.name + ".data").exists():
+    if data_file(model_file) is not None:
         return os.fspath(model_file)
     model = onnx.load(os.fspath(model_file))
     del model.graph.value_info[:]
@@ -515,9 +521,9 @@ def _check_fraction(min_top1: float) -> None:
 
 
 def _onnx_bytes(model_file: Path) -> int:
-    """The size of an `.onnx` file with its external weights (`NAME.onnx.data`), if any."""
-    data = model_file.with_name(model_file.name + ".data")
-    return model_file.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """The size of an `.onnx` file with its external weights (`deit_port.onnx_data`), if any."""
+    data = data_file(model_file)
+    return model_file.stat().st_size + (data.stat().st_size if data is not None else 0)
 
 
 def check_batch(
@@ -573,6 +579,7 @@ def export_onnx_folder(
     ema: bool | None = None,
     overwrite: bool = False,
     atol: float = ONNX_ATOL,
+    external_data: bool | None = None,
 ) -> OnnxFolderReport:
     """Write `HF_DIR/onnx/`, the layout transformers.js and optimum read, checked, atomically.
 
@@ -589,6 +596,9 @@ def export_onnx_folder(
         images: PIL images added to the int8 check's batch.
         min_top1: the least top-1 agreement of the int8 model accepted (0: reported only).
         overwrite: replace an existing, non-empty `HF_DIR/onnx`.
+        external_data: as `export_onnx`; external weights are named as transformers.js
+            loads them (`model.onnx_data`) and recorded in `config.json`
+            (`transformers.js_config.use_external_data_format`, `deit_port.onnx_data`).
 
     Returns:
         An `OnnxFolderReport` (everything passed).
@@ -619,7 +629,9 @@ def export_onnx_folder(
             checkpoint=checkpoint,
             ema=ema,
             atol=atol,
+            external_data=external_data,
         )
+        external = {MODEL_FILE: 1} if as_transformers_js_data(tmp / MODEL_FILE) else {}
         quantized = None
         if quantize:
             session = onnxruntime.InferenceSession(
@@ -635,6 +647,7 @@ def export_onnx_folder(
         dataclasses.replace(fp32, output=out / MODEL_FILE),
         None if quantized is None else dataclasses.replace(quantized, output=out / QUANTIZED_FILE),
     )
+    record_external_data(folder, external)  # issue 27: what transformers.js must fetch
     card = folder / CARD_FILE
     text = card.read_text(encoding="utf-8") if card.is_file() else ""
     with io.atomic_file(card, overwrite=True) as tmp_card:

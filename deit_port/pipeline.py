@@ -33,8 +33,10 @@ from . import io, mapping, memory, parity, preprocess
 from .arch import ArchSpec, with_head
 from .card import write_model_card
 from .errors import ParityError, PreprocessingError
+from .headroom import check_convert
 from .hf_config import build_config
 from .progress import Steps
+from .shapes import AUTO
 from .source import timm_source
 from .tolerances import DEFAULT_ATOL, DTYPE_ATOL
 
@@ -144,6 +146,8 @@ def convert_deit_checkpoint(
     atol = DTYPE_ATOL[dtype_name] if atol is None else atol
     protect = () if checkpoint is None else (checkpoint,)
     io.check_output_dir(pytorch_dump_folder_path, overwrite, protect)
+    if deit_name != AUTO:  # issue 27: memory checked before the weights, like the disk
+        check_convert(deit_name, model_kwargs, verify=verify, dtype=dtype_name)
 
     step("loading")
     source = timm_source(

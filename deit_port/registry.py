@@ -40,8 +40,12 @@ def resolve_model_name(name: str) -> str:
     arch = name.split(".", 1)[0]
     if timm.is_model(arch):
         return name
-    close = difflib.get_close_matches(arch, supported_models(), n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}?" if close else "run `deit-port list` for the names"
+    # issue 27: the ViTs too (`deit-port list --all`)
+    known = supported_models() + timm.list_models("vit_*")
+    close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
+    hint = (
+        f"did you mean {', '.join(close)}?" if close else "run `deit-port list --all` for the names"
+    )
     raise BadInputError(f"unknown timm model {name!r}: {hint}")
 
 

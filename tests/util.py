@@ -35,10 +35,27 @@ SEED = 1234
 # Every DeiT architecture timm registers, sorted, and the plain timm ViTs the suite converts
 # per variant: the per-variant tests parametrize over VARIANTS (tests/variants.py).
 DEIT_VARIANTS = sorted(timm.list_models("deit*"))
-VIT_VARIANTS: list[str] = []
+# The plain timm ViTs whose shape adds something to the DeiTs (`deit-port list --all` has
+# them all): patch 32 (at 224 and 384 px), patch 8, DINOv2's layer-scale patch 14 at 518 px,
+# the `plus` width (896, 14 heads).
+VIT_VARIANTS = sorted(
+    [
+        "vit_base_patch32_plus_256",
+        "vit_small_patch14_dinov2",
+        "vit_small_patch32_224",
+        "vit_small_patch32_384",
+        "vit_small_patch8_224",
+    ]
+)
+# timm builds these without a classifier (num_classes=0): the suite gives them 10 classes, as
+# a fine-tune would, so that every variant has logits and an image-classification pipeline.
+VARIANT_KWARGS = {
+    "vit_small_patch14_dinov2": {"num_classes": 10},
+    "vit_small_patch8_224": {"num_classes": 10},
+}
 VARIANTS = sorted(DEIT_VARIANTS + VIT_VARIANTS)
 # One variant of each family, small: every case runs on these; the others under --runslow.
-FAST_VARIANTS = {TINY, TINY_DISTILLED, "deit3_small_patch16_224"}
+FAST_VARIANTS = {TINY, TINY_DISTILLED, "deit3_small_patch16_224", "vit_small_patch32_224"}
 
 # The contract, and how much tighter the conversion really is (measured: docs/parity-variants.md).
 ATOL_CONTRACT = 1e-3

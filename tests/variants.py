@@ -77,6 +77,7 @@ from .util import (
     DEVICE,
     FAST_VARIANTS,
     SEED,
+    VARIANT_KWARGS,
     VARIANTS,
     model_images,
     model_output,
@@ -132,7 +133,7 @@ class Converted:
     def meta_model(self) -> torch.nn.Module:
         from deit_port.registry import build_on_meta
 
-        return build_on_meta(self.name)
+        return build_on_meta(self.name, **VARIANT_KWARGS.get(self.name, {}))
 
     @functools.cached_property
     def spec(self):
@@ -152,7 +153,7 @@ class Converted:
 
         from deit_port.registry import build_on_meta
 
-        model = build_on_meta(self.name)
+        model = build_on_meta(self.name, **VARIANT_KWARGS.get(self.name, {}))
         model.load_state_dict(load_file(self.checkpoint), strict=True, assign=True)
         return model.eval().to(DEVICE)
 
@@ -229,7 +230,7 @@ def _build(name: str, tmp: Path, steps: list | None = None) -> None:
 
     tmp.mkdir()
     with _step(steps, "randomize: build on meta, randomize_"):
-        model = random_timm_model(name, seed=SEED)
+        model = random_timm_model(name, seed=SEED, **VARIANT_KWARGS.get(name, {}))
     with _step(steps, f"timm's one pass: {N_INPUTS} inputs + {len(model_images(name))} images"):
         inputs = parity_inputs(model, n=N_INPUTS, seed=SEED)
         transform = create_transform(**data_config(model))
@@ -245,7 +246,13 @@ def _build(name: str, tmp: Path, steps: list | None = None) -> None:
         if name not in FAST_VARIANTS:  # a full collection, to free the big model's memory now
             gc.collect()
     with _step(steps, "convert (convert_deit_checkpoint, verify=False)"):
-        convert_deit_checkpoint(name, tmp / "hf", checkpoint=tmp / "timm.safetensors", verify=False)
+        convert_deit_checkpoint(
+            name,
+            tmp / "hf",
+            checkpoint=tmp / "timm.safetensors",
+            model_kwargs=VARIANT_KWARGS.get(name, {}),
+            verify=False,
+        )
 
 
 @contextlib.contextmanager
