@@ -287,7 +287,7 @@ def add_layers_option(p) -> None:
 def add_output_options(p: argparse.ArgumentParser) -> None:
     """What is written: `--labels`, `--dtype`, `--head`, `--max-shard-size`."""
     from .arch import HEADS
-    from .io import DTYPES
+    from .hf_folder import DTYPES
 
     p.add_argument(
         "--labels",

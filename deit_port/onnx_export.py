@@ -35,10 +35,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import io
+from . import hf_folder
 from .arch import ArchSpec
 from .errors import BadInputError, MissingExtraError, ParityError
+from .output import check_output_file
 from .parity import ParityReport, compare_tensors, parity_inputs, reference_outputs
+from .publish import atomic_file, atomic_folder
 from .source import timm_source
 from .tolerances import DTYPE_ATOL, ONNX_ATOL
 
@@ -155,8 +157,8 @@ class _Output(nn.Module):
 def _load(folder: Path, spec: ArchSpec | None) -> tuple[nn.Module, ArchSpec]:
     """The folder's transformers model in float32; its spec from the folder when not given."""
     if spec is None:
-        _, _, spec = io.read_hf_folder(folder)
-    return io.load_hf_folder(folder, spec, **io.float32_kwargs()), spec
+        _, _, spec = hf_folder.read_hf_folder(folder)
+    return hf_folder.load_hf_folder(folder, spec, **hf_folder.float32_kwargs()), spec
 
 
 @torch.inference_mode()
@@ -211,9 +213,9 @@ def export_onnx(
         True
     """
     require_onnx()
-    out = io.check_output_file(output, overwrite, suffix=".onnx")
+    out = check_output_file(output, overwrite, suffix=".onnx")
     folder = Path(hf_dir)
-    dtype = io.folder_dtype(io.read_folder_config(folder))
+    dtype = hf_folder.folder_dtype(hf_folder.read_folder_config(folder))
     timm_model = _timm_model(deit_name, init, seed, model_kwargs, checkpoint, ema)
     hf_model, spec = _load(folder, None if timm_model is None else ArchSpec.from_timm(timm_model))
     model = _Output(hf_model).eval()
@@ -236,7 +238,7 @@ def export_onnx(
     # for DeiT tiny) is in the margin `check_free_space` adds
     nbytes = sum(v.nbytes for v in hf_model.state_dict().values())
     files = 2 if nbytes > _EXTERNAL_DATA else 1
-    with io.atomic_file(out, overwrite, size=nbytes, files=files) as tmp:
+    with atomic_file(out, overwrite, size=nbytes, files=files) as tmp:
         logger.info("exporting %s to ONNX", folder)
         seconds, opset = _export(model, x, tmp, output_name)
         logger.info("exported in %.1f s (opset %s); checking with onnxruntime", seconds, opset)
@@ -247,7 +249,7 @@ def export_onnx(
             raise ParityError(result)
         data = tmp.with_name(tmp.name + ".data")
         if data.exists():  # published first: the .onnx that reads it comes when this block ends
-            with io.atomic_file(out.with_name(data.name), overwrite) as data_tmp:
+            with atomic_file(out.with_name(data.name), overwrite) as data_tmp:
                 os.rename(data, data_tmp)
     return result
 
@@ -442,7 +444,7 @@ def quantize_onnx(
 
     Raises:
         ParityError: non-finite outputs, or top-1 agreement below `min_top1`; nothing written.
-        OutputError: as `deit_port.io.atomic_file`.
+        OutputError: as `deit_port.publish.atomic_file`.
 
     Example:
         >>> quantize_onnx("onnx/model.onnx", "onnx/model_quantized.onnx", x).top1_agreement
@@ -454,12 +456,12 @@ def quantize_onnx(
 
     _check_fraction(min_top1)
 
-    out = io.check_output_file(output, overwrite, suffix=".onnx")
+    out = check_output_file(output, overwrite, suffix=".onnx")
     weight_type = q8_weight_type(model_file)
     fp32 = onnxruntime.InferenceSession(os.fspath(model_file), providers=["CPUExecutionProvider"])
     expected = _run_onnx(fp32, inputs)
     del fp32
-    with io.atomic_file(out, overwrite) as tmp:
+    with atomic_file(out, overwrite) as tmp:
         drop = _DropRootMessage()
         logging.getLogger().addFilter(drop)
         try:
@@ -607,8 +609,10 @@ def export_onnx_folder(
 
     _check_fraction(min_top1)
     folder = Path(hf_dir)
-    io.read_folder_config(folder)  # a model folder, before atomic_folder makes any folder there
-    with io.atomic_folder(folder / ONNX_FOLDER, overwrite) as tmp:
+    hf_folder.read_folder_config(
+        folder
+    )  # a model folder, before atomic_folder makes any folder there
+    with atomic_folder(folder / ONNX_FOLDER, overwrite) as tmp:
         fp32 = export_onnx(
             folder,
             tmp / MODEL_FILE,
@@ -637,7 +641,7 @@ def export_onnx_folder(
     )
     card = folder / CARD_FILE
     text = card.read_text(encoding="utf-8") if card.is_file() else ""
-    with io.atomic_file(card, overwrite=True) as tmp_card:
+    with atomic_file(card, overwrite=True) as tmp_card:
         tmp_card.write_text(with_section(text, ONNX_FOLDER, _card_section(done)), encoding="utf-8")
     return done
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import io, mapping, memory, parity, preprocess
+from . import hf_folder, mapping, memory, output, parity, preprocess, publish
 from .arch import ArchSpec, with_head
 from .card import write_model_card
 from .errors import ParityError, PreprocessingError
@@ -70,7 +70,7 @@ def convert_timm_model(
     """
     spec = with_head(ArchSpec.from_timm(model), head)
     state_dict = mapping.timm_to_hf(model.state_dict(), spec)
-    return io.load_hf_state_dict(state_dict, build_config(spec, labels), spec)
+    return hf_folder.load_hf_state_dict(state_dict, build_config(spec, labels), spec)
 
 
 def convert_deit_checkpoint(
@@ -140,10 +140,10 @@ def convert_deit_checkpoint(
         >>> convert_deit_checkpoint("deit_small_patch16_224", "out", checkpoint="ckpt.pth", ema=False)
     """
     step = Steps(progress)
-    dtype_name, cast = io.resolve_dtype(dtype)
+    dtype_name, cast = hf_folder.resolve_dtype(dtype)
     atol = DTYPE_ATOL[dtype_name] if atol is None else atol
     protect = () if checkpoint is None else (checkpoint,)
-    io.check_output_dir(pytorch_dump_folder_path, overwrite, protect)
+    output.check_output_dir(pytorch_dump_folder_path, overwrite, protect)
 
     step("loading")
     source = timm_source(
@@ -170,17 +170,17 @@ def convert_deit_checkpoint(
             step("verifying in float32")
             exact = _check_before_cast(state_dict, config, spec, reference, dtype_name)
         state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
-        setattr(config, io.dtype_key(), dtype_name)
+        setattr(config, hf_folder.dtype_key(), dtype_name)
 
     report = None
-    nbytes, files = io.hf_folder_size(state_dict, max_shard_size)
+    nbytes, files = hf_folder.hf_folder_size(state_dict, max_shard_size)
     files += 2  # the image processor's config and the model card
-    with io.atomic_folder(
+    with publish.atomic_folder(
         pytorch_dump_folder_path, overwrite=overwrite, protect=protect, size=nbytes, files=files
     ) as tmp:
         step("writing")
         logger.info("writing %s", pytorch_dump_folder_path)
-        io.save_hf_folder(tmp, state_dict, config, max_shard_size=max_shard_size)
+        hf_folder.save_hf_folder(tmp, state_dict, config, max_shard_size=max_shard_size)
         preprocess.save_preprocessor(tmp, timm_model)
         if reference is not None:
             step("verifying")
@@ -245,7 +245,7 @@ def verify_hf_folder(
     """
     step = Steps(progress)
     folder = Path(hf_dir)
-    folder_config = io.read_folder_config(folder)
+    folder_config = hf_folder.read_folder_config(folder)
     step("loading")
     timm_model = timm_source(
         deit_name, init=init, seed=seed, model_kwargs=model_kwargs, checkpoint=checkpoint, ema=ema
@@ -254,9 +254,9 @@ def verify_hf_folder(
     if spec.distilled and folder_config.get("architectures") == ["DeiTForImageClassification"]:
         spec = with_head(spec, "cls")  # a `--head cls` folder
     if atol is None:
-        atol = DTYPE_ATOL.get(io.folder_dtype(folder_config), DEFAULT_ATOL)
+        atol = DTYPE_ATOL.get(hf_folder.folder_dtype(folder_config), DEFAULT_ATOL)
     step("verifying")
-    hf_model = io.load_hf_folder(folder, spec, **io.float32_kwargs())
+    hf_model = hf_folder.load_hf_folder(folder, spec, **hf_folder.float32_kwargs())
     inputs = parity.parity_inputs(timm_model, images=[parity.synthetic_image(0), *(images or [])])
     return parity.check_parity(
         timm_model, hf_model, inputs, atol=atol, layers=layers, cls_head_only=spec.cls_head_only
@@ -322,7 +322,7 @@ def _check_before_cast(
     must not hide a conversion error under its wider tolerance."""
     exact = parity.compare_outputs(
         reference.outputs,
-        io.load_hf_state_dict(state_dict, config, spec),
+        hf_folder.load_hf_state_dict(state_dict, config, spec),
         reference.inputs,
         atol=DEFAULT_ATOL,
         stages=reference.stages,
@@ -346,7 +346,7 @@ def _check_written(
     folder: Path, spec: ArchSpec, reference: _Reference, atol: float
 ) -> parity.ParityReport:
     """The written folder, loaded back with `from_pretrained` in float32, against timm."""
-    hf_model = io.load_hf_folder(folder, spec, **io.float32_kwargs())
+    hf_model = hf_folder.load_hf_folder(folder, spec, **hf_folder.float32_kwargs())
     report = parity.compare_outputs(
         reference.outputs, hf_model, reference.inputs, atol=atol, stages=reference.stages
     )

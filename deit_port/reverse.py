@@ -32,9 +32,11 @@ from torch import nn
 from . import mapping
 from .arch import ArchSpec
 from .errors import BadInputError, KeyMismatchError, ParityError
-from .io import atomic_file, check_output_file, load_hf_folder, read_hf_folder
+from .hf_folder import load_hf_folder, read_hf_folder
+from .output import check_output_file
 from .parity import ParityReport, check_parity, parity_inputs
 from .progress import no_progress
+from .publish import atomic_file
 from .registry import build_on_meta, resolve_model_name, supported_models
 from .tolerances import DEFAULT_ATOL
 
