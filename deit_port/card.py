@@ -18,10 +18,12 @@ from pathlib import Path
 
 from .arch import ArchSpec
 from .hf_config import hf_class_name
+from .onnx_export import OnnxReport
+from .onnx_quantize import QuantizedCheck, onnx_bytes
 from .parity import ParityReport
 from .versions import library_versions
 
-__all__ = ["CARD_FILE", "render_model_card", "with_section", "write_model_card"]
+__all__ = ["CARD_FILE", "onnx_section", "render_model_card", "with_section", "write_model_card"]
 
 CARD_FILE = "README.md"
 
@@ -240,3 +242,69 @@ def with_section(card: str, name: str, body: str) -> str:
     if found and end in rest:
         return before + block + rest.split(end, 1)[1]
     return (card.rstrip("\n") + "\n\n" if card.strip() else "") + block + "\n"
+
+
+def onnx_section(folder: Path, fp32: OnnxReport, q: QuantizedCheck | None) -> str:
+    """The model card's ONNX section (`export_onnx_folder`'s): the files in `folder`, what each
+    was compared with, the figures."""
+    ort = fp32.runtime_checks
+    refs = " and ".join(dict.fromkeys(c.reference for c in ort))
+    worst = max(ort, key=lambda c: c.report.max_abs_diff).report
+    batches = " and ".join(str(b) for b in dict.fromkeys(c.batch for c in ort))
+    model_file, where = fp32.output.name, folder.name
+    files = (
+        f"`{where}/{model_file}` (float32, "
+        f"{onnx_bytes(fp32.output) / 1e6:.1f} MB, opset {fp32.opset}, input "
+        f"`pixel_values` with a dynamic batch, output `{fp32.output_name}`)"
+    )
+    if q is not None:
+        files += (
+            f" and `{where}/{q.output.name}` (int8: onnxruntime's dynamic quantization, "
+            f"{q.weight_type} weights, {q.size_bytes / 1e6:.1f} MB)"
+        )
+    fp32_row = (
+        f"| {model_file} | {refs} (onnxruntime, batches of {batches}) | {max(c.batch for c in ort)} | "
+        f"{worst.max_abs_diff:.3g} (atol {worst.atol:g}) | {worst.mean_abs_diff:.3g} | "
+        f"{_percent(worst.top1_agreement)} |"
+    )
+    lines = [
+        "## ONNX (transformers.js, onnxruntime)",
+        "",
+        (
+            f"Written by `deit-port export-onnx`: {files}. transformers.js reads them from this "
+            "folder: `dtype: 'fp32'` the first, `dtype: 'q8'` (its default in the browser) the second."
+        ),
+        "",
+        "| file | compared with | inputs | max abs diff | mean abs diff | top-1 agreement |",
+        "|---|---|---|---|---|---|",
+        fp32_row,
+    ]
+    if q is not None:
+        lines += [
+            (
+                f"| {q.output.name} | {q.reference} (onnxruntime) | {q.inputs} | "
+                f"{q.max_abs_diff:.3g} | {q.mean_abs_diff:.3g} | {_percent(q.top1_agreement)} |"
+            ),
+            "",
+            (
+                "The int8 file is compared on a synthetic image (and the images given with "
+                "`--image`) through this folder's image processor, then N(0, 1) tensors: int8 "
+                "weights change the logits by design, so these figures are a measurement, not a "
+                "parity bound."
+            ),
+        ]
+    lines += [
+        "",
+        "```js",
+        "import { env, pipeline } from '@huggingface/transformers';",
+        "env.allowRemoteModels = false;",
+        "env.localModelPath = '/path/to/the/parent/folder/';",
+        "const classify = await pipeline('image-classification', 'this-folder', { dtype: 'fp32' });",
+        "console.log(await classify('image.png'));",
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a (hidden states)" if value is None else f"{value:.1%}"

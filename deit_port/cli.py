@@ -166,7 +166,7 @@ def _export_onnx_positionals(args: argparse.Namespace) -> None:
 def _cmd_export_onnx_folder(args: argparse.Namespace) -> int:
     """`export-onnx HF_DIR [MODEL]`: HF_DIR/onnx/ as transformers.js reads it."""
     from .images import load_images
-    from .onnx_export import export_onnx_folder
+    from .onnx_folder import export_onnx_folder
 
     images = load_images(args.image) if args.image else None
     kwargs = _source_kwargs(args)

@@ -1,0 +1,186 @@
+"""`HF_DIR/onnx/`, the layout transformers.js and optimum read: `model.onnx` (`export_onnx`'s
+file, same checks) and, by default, `model_quantized.onnx` (int8, `quantize_onnx`), published
+as one folder; the model card gets an ONNX section with the figures (`card.onnx_section`).
+
+    >>> export_onnx_folder("deit-tiny-hf").quantized.summary()  # deit-tiny-hf/onnx/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import hf_folder
+from .card import CARD_FILE, onnx_section, with_section
+from .errors import BadInputError
+from .onnx_export import BATCH_SIZES, OnnxReport, export_onnx, require_onnx
+from .onnx_quantize import QuantizedCheck, check_fraction, quantize_onnx
+from .publish import atomic_file, atomic_folder
+from .tolerances import ONNX_ATOL
+
+__all__ = [
+    "CHECK_BATCH",
+    "MODEL_FILE",
+    "ONNX_FOLDER",
+    "QUANTIZED_FILE",
+    "OnnxFolderReport",
+    "check_batch",
+    "export_onnx_folder",
+]
+
+
+ONNX_FOLDER = "onnx"
+MODEL_FILE = "model.onnx"
+QUANTIZED_FILE = "model_quantized.onnx"  # transformers.js's `dtype: 'q8'`, its WASM default
+CHECK_BATCH = max(BATCH_SIZES)
+
+
+@dataclass(frozen=True)
+class OnnxFolderReport:
+    """What `export_onnx_folder` wrote and checked: the float32 export, the int8 model."""
+
+    folder: Path
+    fp32: OnnxReport
+    quantized: QuantizedCheck | None
+
+    @property
+    def passed(self) -> bool:
+        return self.fp32.passed and (self.quantized is None or self.quantized.passed)
+
+    def summary(self) -> str:
+        lines = [self.fp32.summary()]
+        if self.quantized is not None:
+            lines.append(self.quantized.summary())
+        return "\n".join(lines)
+
+    def table(self) -> str:
+        return self.fp32.table()
+
+
+def check_batch(
+    hf_dir: str | os.PathLike,
+    shape: tuple[int, int, int],
+    images: list | None = None,
+    n: int = CHECK_BATCH,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The batch `export_onnx_folder` checks the int8 model on, made as `parity_inputs` makes
+    the parity batch: the synthetic image and `images` through the folder's own image
+    processor (its PIL backend computes timm's eval transform), then N(0, 1) tensors up to
+    `n`. A folder without `preprocessor_config.json` gets the tensors only.
+
+    Args:
+        hf_dir: the transformers folder.
+        shape: `(C, H, W)` of one input.
+        images: PIL images to add (the user's `--image`s).
+        n: the least batch size.
+        seed: the synthetic image's and the tensors' seed.
+    """
+    from .parity import synthetic_image
+    from .preprocess import load_image_processor
+
+    folder = Path(hf_dir)
+    batch: list[torch.Tensor] = []
+    if (folder / "preprocessor_config.json").is_file():
+        processor = load_image_processor(folder, "pil")
+        pictures = [synthetic_image(seed), *(images or [])]
+        pixels = processor(pictures, return_tensors="pt")["pixel_values"]
+        if tuple(pixels.shape[1:]) != tuple(shape):
+            raise BadInputError(
+                f"{folder}/preprocessor_config.json makes {tuple(pixels.shape[1:])} pixel "
+                f"values, the model takes {tuple(shape)}: fix the image processor's size"
+            )
+        batch += list(pixels)
+    g = torch.Generator().manual_seed(seed)
+    batch += [torch.randn(shape, generator=g) for _ in range(max(0, n - len(batch)))]
+    return torch.stack(batch)
+
+
+def export_onnx_folder(
+    hf_dir: str | os.PathLike,
+    deit_name: str | None = None,
+    *,
+    quantize: bool = True,
+    images: list | None = None,
+    min_top1: float = 0.0,
+    init: str = "pretrained",
+    seed: int = 0,
+    model_kwargs: dict | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    ema: bool | None = None,
+    overwrite: bool = False,
+    atol: float = ONNX_ATOL,
+) -> OnnxFolderReport:
+    """Write `HF_DIR/onnx/`, the layout transformers.js and optimum read, checked, atomically.
+
+    `onnx/model.onnx` is `export_onnx`'s file (same checks); with `quantize`, also
+    `onnx/model_quantized.onnx` (`quantize_onnx`, checked against it on `check_batch`). The
+    folder is built in a hidden `.onnx.PID.*.partial` folder inside HF_DIR and moved into place
+    when everything passed; then the model card (`README.md`) gets an ONNX section with the
+    figures (rewritten atomically, any earlier ONNX section replaced).
+
+    Args:
+        hf_dir: the transformers folder (ours or the hub's).
+        deit_name, init, seed, model_kwargs, checkpoint, ema, atol: as `export_onnx`.
+        quantize: write the int8 file too (transformers.js's default on WASM, `dtype: 'q8'`).
+        images: PIL images added to the int8 check's batch.
+        min_top1: the least top-1 agreement of the int8 model accepted (0: reported only).
+        overwrite: replace an existing, non-empty `HF_DIR/onnx`.
+
+    Returns:
+        An `OnnxFolderReport` (everything passed).
+
+    Raises:
+        As `export_onnx` and `quantize_onnx`; nothing is written then.
+
+    Example:
+        >>> export_onnx_folder("deit-tiny-hf").quantized.top1_agreement
+        1.0
+    """
+    require_onnx()
+    import onnxruntime
+
+    check_fraction(min_top1)
+    folder = Path(hf_dir)
+    hf_folder.read_folder_config(
+        folder
+    )  # a model folder, before atomic_folder makes any folder there
+    with atomic_folder(folder / ONNX_FOLDER, overwrite) as tmp:
+        fp32 = export_onnx(
+            folder,
+            tmp / MODEL_FILE,
+            deit_name,
+            init=init,
+            seed=seed,
+            model_kwargs=model_kwargs,
+            checkpoint=checkpoint,
+            ema=ema,
+            atol=atol,
+        )
+        quantized = None
+        if quantize:
+            session = onnxruntime.InferenceSession(
+                str(tmp / MODEL_FILE), providers=["CPUExecutionProvider"]
+            )
+            shape = tuple(session.get_inputs()[0].shape[1:])
+            del session
+            x = check_batch(folder, shape, images, seed=seed)
+            quantized = quantize_onnx(tmp / MODEL_FILE, tmp / QUANTIZED_FILE, x, min_top1=min_top1)
+    out = folder / ONNX_FOLDER  # the reports name the files where they now lie
+    done = OnnxFolderReport(
+        out,
+        dataclasses.replace(fp32, output=out / MODEL_FILE),
+        None if quantized is None else dataclasses.replace(quantized, output=out / QUANTIZED_FILE),
+    )
+    card = folder / CARD_FILE
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    with atomic_file(card, overwrite=True) as tmp_card:
+        tmp_card.write_text(
+            with_section(text, ONNX_FOLDER, onnx_section(done.folder, done.fp32, done.quantized)),
+            encoding="utf-8",
+        )
+    return done
