@@ -14,18 +14,20 @@ The ONNX stack is an optional extra: `pip install 'deit-port[onnx]'` (onnx, onnx
 onnx-ir, onnxruntime).
 
     >>> report = export_onnx("deit-tiny-hf", "deit-tiny.onnx", "deit_tiny_patch16_224",
-    ...                      init="random", seed=0)
+    ...                      WeightSource(init="random", seed=0))
     >>> print(report.table())
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ from .errors import BadInputError, MissingExtraError, ParityError
 from .output import check_output_file
 from .parity import ParityReport, compare_tensors, parity_inputs, reference_outputs
 from .publish import atomic_file
-from .source import timm_source
+from .source import WeightSource, timm_source, weight_source
 from .tolerances import DTYPE_ATOL, ONNX_ATOL
 
 __all__ = [
@@ -183,14 +185,11 @@ def export_onnx(
     hf_dir: str | os.PathLike,
     output: str | os.PathLike,
     deit_name: str | None = None,
+    weights: WeightSource | None = None,
     *,
-    init: str = "pretrained",
-    seed: int = 0,
-    model_kwargs: dict | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    ema: bool | None = None,
     overwrite: bool = False,
     atol: float = ONNX_ATOL,
+    **loose: Any,
 ) -> OnnxReport:
     """Export a transformers ViT/DeiT folder to ONNX, checked with onnxruntime, atomically.
 
@@ -200,12 +199,14 @@ def export_onnx(
         deit_name: the timm model the folder was converted from; with it the folder is first
             checked against timm (as `verify`), and the ONNX file is compared with timm too.
             Without it, with the transformers model only.
-        init, seed, model_kwargs, checkpoint, ema: the timm model's weights, as for
-            `convert_deit_checkpoint`.
+        weights: the timm model's weights, as for `convert_deit_checkpoint`; its `seed` also
+            seeds the compared batch.
         overwrite: replace an existing `output`.
         atol: the bound for onnxruntime vs transformers, and vs timm for a float32 folder
             (a float16/bfloat16 folder differs from timm by up to its `DTYPE_ATOL`). Before
             the export, the folder is checked against timm as `verify` checks it.
+        **loose: keyword-only compatibility: `init`, `seed`, `model_kwargs`, `checkpoint`,
+            `ema`, applied to `weights` (`source.weight_source`).
 
     Returns:
         An `OnnxReport` (every check passed).
@@ -224,10 +225,11 @@ def export_onnx(
     out = check_output_file(output, overwrite, suffix=".onnx")
     folder = Path(hf_dir)
     dtype = hf_folder.folder_dtype(hf_folder.read_folder_config(folder))
-    timm_model = _timm_model(deit_name, init, seed, model_kwargs, checkpoint, ema)
+    weights = weight_source(weights, **loose)
+    timm_model = _timm_model(deit_name, weights)
     hf_model, spec = _load(folder, None if timm_model is None else ArchSpec.from_timm(timm_model))
     model = _Output(hf_model).eval()
-    x = _inputs(timm_model, spec, seed)
+    x = _inputs(timm_model, spec, weights.seed)
     output_name = "logits" if spec.num_classes else "last_hidden_state"
     # a float16/bfloat16 folder (computed in float32) differs from timm by its rounding
     timm_atol = atol if dtype == "float32" else max(atol, DTYPE_ATOL.get(dtype, atol))
@@ -262,19 +264,12 @@ def export_onnx(
     return result
 
 
-def _timm_model(deit_name, init, seed, model_kwargs, checkpoint, ema) -> nn.Module | None:
+def _timm_model(deit_name: str | None, weights: WeightSource) -> nn.Module | None:
     """The timm model to compare with, or None without `deit_name` (then nothing may choose
     its weights)."""
     if deit_name is not None:
-        return timm_source(
-            deit_name,
-            init=init,
-            seed=seed,
-            model_kwargs=model_kwargs,
-            checkpoint=checkpoint,
-            ema=ema,
-        ).model
-    if checkpoint is not None or ema is not None or model_kwargs or init != "pretrained":
+        return timm_source(deit_name, weights).model
+    if dataclasses.replace(weights, seed=0).chosen:
         raise BadInputError(
             "--checkpoint, --init, --ema, --num-classes and --img-size choose the timm model's "
             "weights: give MODEL (the timm name) too"

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,6 +21,7 @@ from .errors import BadInputError
 from .onnx_export import BATCH_SIZES, OnnxReport, export_onnx, require_onnx
 from .onnx_quantize import QuantizedCheck, check_fraction, quantize_onnx
 from .publish import atomic_file, atomic_folder
+from .source import WeightSource, weight_source
 from .tolerances import ONNX_ATOL
 
 __all__ = [
@@ -103,17 +105,14 @@ def check_batch(
 def export_onnx_folder(
     hf_dir: str | os.PathLike,
     deit_name: str | None = None,
+    weights: WeightSource | None = None,
     *,
     quantize: bool = True,
     images: list | None = None,
     min_top1: float = 0.0,
-    init: str = "pretrained",
-    seed: int = 0,
-    model_kwargs: dict | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    ema: bool | None = None,
     overwrite: bool = False,
     atol: float = ONNX_ATOL,
+    **loose: Any,
 ) -> OnnxFolderReport:
     """Write `HF_DIR/onnx/`, the layout transformers.js and optimum read, checked, atomically.
 
@@ -125,11 +124,12 @@ def export_onnx_folder(
 
     Args:
         hf_dir: the transformers folder (ours or the hub's).
-        deit_name, init, seed, model_kwargs, checkpoint, ema, atol: as `export_onnx`.
+        deit_name, weights, atol: as `export_onnx`.
         quantize: write the int8 file too (transformers.js's default on WASM, `dtype: 'q8'`).
         images: PIL images added to the int8 check's batch.
         min_top1: the least top-1 agreement of the int8 model accepted (0: reported only).
         overwrite: replace an existing, non-empty `HF_DIR/onnx`.
+        **loose: keyword-only compatibility, as for `export_onnx`.
 
     Returns:
         An `OnnxFolderReport` (everything passed).
@@ -144,6 +144,7 @@ def export_onnx_folder(
     require_onnx()
     import onnxruntime
 
+    weights = weight_source(weights, **loose)
     check_fraction(min_top1)
     folder = Path(hf_dir)
     hf_folder.read_folder_config(
@@ -154,11 +155,7 @@ def export_onnx_folder(
             folder,
             tmp / MODEL_FILE,
             deit_name,
-            init=init,
-            seed=seed,
-            model_kwargs=model_kwargs,
-            checkpoint=checkpoint,
-            ema=ema,
+            weights,
             atol=atol,
         )
         quantized = None
@@ -168,7 +165,7 @@ def export_onnx_folder(
             )
             shape = tuple(session.get_inputs()[0].shape[1:])
             del session
-            x = check_batch(folder, shape, images, seed=seed)
+            x = check_batch(folder, shape, images, seed=weights.seed)
             quantized = quantize_onnx(tmp / MODEL_FILE, tmp / QUANTIZED_FILE, x, min_top1=min_top1)
     out = folder / ONNX_FOLDER  # the reports name the files where they now lie
     done = OnnxFolderReport(

@@ -3,27 +3,29 @@ check of an existing folder against timm.
 
 `convert_deit_checkpoint` is a list of steps, each done by the module that owns it:
 
-1. the output path is checked (`io`), before any work;
+1. the output path is checked (`output`), before any work;
 2. the timm model and its weights are had (`source`: pretrained, seeded random or a checkpoint);
 3. timm's outputs on the parity batch are computed (`parity`), so the timm model can be freed
    before the written folder is loaded back;
 4. the state dict is mapped (`mapping`), cast to the written dtype where asked;
-5. the folder is written beside its final name (`io`, `preprocess`), loaded back with
+5. the folder is written beside its final name (`publish`, `hf_folder`, `preprocess`), loaded back with
    `from_pretrained` and compared with timm's outputs (`parity`, `preprocess`), given its
    model card (`card`) and only then moved into place.
 
-    >>> report = convert_deit_checkpoint("deit_tiny_patch16_224", "out", init="random")
+    >>> report = convert_deit_checkpoint("deit_tiny_patch16_224", "out", WeightSource(init="random"))
     >>> report.passed
     True
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -35,11 +37,14 @@ from .card import write_model_card
 from .errors import ParityError, PreprocessingError
 from .hf_config import build_config
 from .progress import Steps
-from .source import timm_source
+from .source import WEIGHT_KEYWORDS, WeightSource, timm_source, weight_source
 from .tolerances import DEFAULT_ATOL, DTYPE_ATOL
 
 __all__ = [
+    "OPTION_KEYWORDS",
     "STEPS",
+    "CheckOptions",
+    "FolderOptions",
     "convert_deit_checkpoint",
     "convert_timm_model",
     "verify_hf_folder",
@@ -73,25 +78,82 @@ def convert_timm_model(
     return hf_folder.load_hf_state_dict(state_dict, build_config(spec, labels), spec)
 
 
+@dataclass(frozen=True)
+class FolderOptions:
+    """What `convert_deit_checkpoint` writes, besides the weights' values.
+
+    Attributes:
+        labels: class names (default: ImageNet-1k for 1000 classes).
+        dtype: `float32`, `float16` or `bfloat16`: the written weights. For the other two the
+            conversion is checked in float32 first, then the written folder at `DTYPE_ATOL`.
+        head: for a distilled model, `teacher` (default): both heads, averaged, as timm's eval
+            forward (`DeiTForImageClassificationWithTeacher`, for inference); or `cls`: the
+            class-token head only (`DeiTForImageClassification`, which transformers trains
+            with `labels`), checked against `model.head(model.forward_features(x)[:, 0])`.
+            A model without distillation head has only the class-token head: `cls` changes
+            nothing there and `teacher` is an error, as is either without a classifier.
+        max_shard_size: safetensors shard size; past one shard, an index.
+    """
+
+    labels: Sequence[str] | None = None
+    dtype: str = "float32"
+    head: str | None = None
+    max_shard_size: int | str = "5GB"
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How a folder is checked against timm.
+
+    Attributes:
+        verify: run the parity check (`convert_deit_checkpoint` returns None without it).
+        atol: the parity contract (default: `DTYPE_ATOL` of the written dtype).
+        images: more images for the parity batch (any mode; added to the synthetic one). The
+            written `preprocessor_config.json` is also checked against timm's transform on them.
+        layers: compare every stage too (`check_parity(..., layers=True)`): the report's
+            `table()` and, on failure, `first_divergence` say where the models part.
+    """
+
+    verify: bool = True
+    atol: float | None = None
+    images: Sequence[Image.Image] = ()
+    layers: bool = False
+
+
+# The keyword arguments of the calls before `FolderOptions` and `CheckOptions`, still accepted.
+OPTION_KEYWORDS = (
+    *WEIGHT_KEYWORDS,
+    *(f.name for f in dataclasses.fields(FolderOptions)),
+    *(f.name for f in dataclasses.fields(CheckOptions)),
+)
+
+
+def _fold(weights, written, check, loose: dict) -> tuple[WeightSource, FolderOptions, CheckOptions]:
+    """The three values with the loose keywords (`OPTION_KEYWORDS`) applied to each."""
+    unknown = sorted(set(loose) - set(OPTION_KEYWORDS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    if loose.get("images", ()) is None:
+        loose["images"] = ()
+
+    def of(value, cls):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return dataclasses.replace(value or cls(), **{k: loose[k] for k in names & set(loose)})
+
+    weights = weight_source(weights, **{k: loose[k] for k in WEIGHT_KEYWORDS if k in loose})
+    return weights, of(written, FolderOptions), of(check, CheckOptions)
+
+
 def convert_deit_checkpoint(
     deit_name: str,
     pytorch_dump_folder_path: str | os.PathLike,
+    weights: WeightSource | None = None,
     *,
-    init: str = "pretrained",
-    seed: int = 0,
-    model_kwargs: dict | None = None,
-    labels: Sequence[str] | None = None,
-    max_shard_size: int | str = "5GB",
+    written: FolderOptions | None = None,
+    check: CheckOptions | None = None,
     overwrite: bool = False,
-    verify: bool = True,
-    atol: float | None = None,
-    images: Sequence[Image.Image] | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    ema: bool | None = None,
-    dtype: str = "float32",
-    head: str | None = None,
     progress: Callable[[str], None] | None = None,
-    layers: bool = False,
+    **loose: Any,
 ) -> parity.ParityReport | None:
     """Convert the timm model `deit_name` and write a transformers folder, parity checked.
 
@@ -101,86 +163,64 @@ def convert_deit_checkpoint(
 
     Args:
         deit_name: a timm model name (tags and legacy `vit_deit_*` names accepted); `auto`
-            with `checkpoint`: the registered DeiT its tensors fit.
+            with a checkpoint: the registered DeiT its tensors fit.
         pytorch_dump_folder_path: the output folder; must be absent or empty unless `overwrite`.
-        init, seed, model_kwargs, checkpoint, ema: the timm model and its weights
-            (`source.timm_source`): timm's pretrained weights, seeded random ones, or a
-            checkpoint file (`model_kwargs` go to `timm.create_model`).
-        labels: class names.
-        max_shard_size: safetensors shard size.
+        weights: where the weights come from (default: timm's pretrained weights).
+        written: labels, dtype, head, shard size (`FolderOptions`).
+        check: the parity check (`CheckOptions`).
         overwrite: replace an existing folder.
-        verify: run the parity check (else return None).
-        atol: the parity contract (default: `DTYPE_ATOL[dtype]`).
-        images: more images for the parity batch (any mode; added to the synthetic one). The
-            written `preprocessor_config.json` is also checked against timm's transform on them.
-        dtype: `float32`, `float16` or `bfloat16`: the written weights. For the other two the
-            conversion is checked in float32 first, then the written folder at `DTYPE_ATOL`.
-        head: for a distilled model, `teacher` (default): both heads, averaged, as timm's eval
-            forward (`DeiTForImageClassificationWithTeacher`, for inference); or `cls`: the
-            class-token head only (`DeiTForImageClassification`, which transformers trains
-            with `labels`), checked against `model.head(model.forward_features(x)[:, 0])`.
-            A model without distillation head has only the class-token head: `cls` changes
-            nothing there and `teacher` is an error, as is either without a classifier.
         progress: called with the name of each step as it starts (`STEPS`); their times are
             logged at INFO (`time per step: ...`).
-        layers: compare every stage too (`check_parity(..., layers=True)`): the report's
-            `table()` and, on failure, `first_divergence` say where the models part.
+        **loose: keyword-only compatibility (`OPTION_KEYWORDS`): `init`, `seed`,
+            `model_kwargs`, `checkpoint`, `ema` for `weights`; `labels`, `dtype`, `head`,
+            `max_shard_size` for `written`; `verify`, `atol`, `images`, `layers` for `check`.
 
     Returns:
-        The `ParityReport` of the written folder (None without `verify`).
+        The `ParityReport` of the written folder (None without `check.verify`).
 
     Raises:
-        ParityError: the check failed; nothing was written.
-        PreprocessingError: the written image processor does not reproduce timm's eval
-            transform (`compare_preprocessing`); nothing was written.
-        BadInputError (OutputError, CheckpointError, WeightsUnavailableError, ...): bad input;
-            nothing was written.
+        ParityError, PreprocessingError: the written folder or its image processor differs
+            from timm; nothing was written.
+        BadInputError (OutputError, CheckpointError, ...): bad input; nothing was written.
 
     Example:
-        >>> convert_deit_checkpoint("deit_small_patch16_224", "out", checkpoint="ckpt.pth", ema=False)
+        >>> convert_deit_checkpoint("deit_small_patch16_224", "out", WeightSource(checkpoint="ckpt.pth"))
     """
+    weights, written, check = _fold(weights, written, check, loose)
     step = Steps(progress)
-    dtype_name, cast = hf_folder.resolve_dtype(dtype)
-    atol = DTYPE_ATOL[dtype_name] if atol is None else atol
-    protect = () if checkpoint is None else (checkpoint,)
+    dtype_name, _ = hf_folder.resolve_dtype(written.dtype)
+    atol = DTYPE_ATOL[dtype_name] if check.atol is None else check.atol
+    protect = () if weights.checkpoint is None else (weights.checkpoint,)
     output.check_output_dir(pytorch_dump_folder_path, overwrite, protect)
 
     step("loading")
-    source = timm_source(
-        deit_name, init=init, seed=seed, model_kwargs=model_kwargs, checkpoint=checkpoint, ema=ema
-    )
+    source = timm_source(deit_name, weights)
     timm_model = source.model
     card = {"timm_name": source.name, "source": source.weights, "notes": source.notes}
-    spec = with_head(ArchSpec.from_timm(timm_model), head)
-    config = build_config(spec, labels)
-    batch = [parity.synthetic_image(0), *(images or [])]
+    spec = with_head(ArchSpec.from_timm(timm_model), written.head)
+    config = build_config(spec, written.labels)
+    batch = [parity.synthetic_image(0), *check.images]
     reference = None
-    if verify:
+    if check.verify:
         step("timm outputs")
-        reference = _timm_reference(timm_model, spec, batch, layers)
+        reference = _timm_reference(timm_model, spec, batch, check.layers)
 
     step("converting")
-    weights = source.mapped_again()
+    mapped = source.mapped_again()
     del source  # its checkpoint's tensors are the timm model's, freed below when not needed
-    state_dict = _hf_state_dict(timm_model, weights, spec)
-    del weights
-    exact = None
-    if cast is not torch.float32:
-        if reference is not None:
-            step("verifying in float32")
-            exact = _check_before_cast(state_dict, config, spec, reference, dtype_name)
-        state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
-        setattr(config, hf_folder.dtype_key(), dtype_name)
+    state_dict = _hf_state_dict(timm_model, mapped, spec)
+    del mapped
+    state_dict, exact = _cast(state_dict, config, spec, reference, dtype_name, step)
 
     report = None
-    nbytes, files = hf_folder.hf_folder_size(state_dict, max_shard_size)
+    nbytes, files = hf_folder.hf_folder_size(state_dict, written.max_shard_size)
     files += 2  # the image processor's config and the model card
     with publish.atomic_folder(
         pytorch_dump_folder_path, overwrite=overwrite, protect=protect, size=nbytes, files=files
     ) as tmp:
         step("writing")
         logger.info("writing %s", pytorch_dump_folder_path)
-        hf_folder.save_hf_folder(tmp, state_dict, config, max_shard_size=max_shard_size)
+        hf_folder.save_hf_folder(tmp, state_dict, config, max_shard_size=written.max_shard_size)
         preprocess.save_preprocessor(tmp, timm_model)
         if reference is not None:
             step("verifying")
@@ -189,33 +229,38 @@ def convert_deit_checkpoint(
             memory.release_freed()  # the folded tensors' memory, before the folder is loaded
             report = _check_written(tmp, spec, reference, atol)
         step("model card")
-        write_model_card(
-            tmp,
-            **card,
-            spec=spec,
-            dtype=dtype_name,
-            report=report,
-            inputs=_describe_inputs(len(batch), 0 if reference is None else len(reference.inputs)),
-            exact_report=exact,
-            labels=[config.id2label[i] for i in range(spec.num_classes)],
-        )
+        n_inputs = 0 if reference is None else len(reference.inputs)
+        labels = [config.id2label[i] for i in range(spec.num_classes)]
+        write_model_card(tmp, **card, spec=spec, dtype=dtype_name, report=report,
+                         inputs=_describe_inputs(len(batch), n_inputs), exact_report=exact,
+                         labels=labels)  # fmt: skip
     logger.info("time per step: %s", step.summary())
     return report
+
+
+def _cast(state_dict, config, spec, reference, dtype_name: str, step: Steps):
+    """The state dict in the written dtype, and (for a cast that a check follows) the report of
+    the conversion checked in float32 before it, else None. The config records the dtype."""
+    _, cast = hf_folder.resolve_dtype(dtype_name)
+    if cast is torch.float32:
+        return state_dict, None
+    exact = None
+    if reference is not None:
+        step("verifying in float32")
+        exact = _check_before_cast(state_dict, config, spec, reference, dtype_name)
+    state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
+    setattr(config, hf_folder.dtype_key(), dtype_name)
+    return state_dict, exact
 
 
 def verify_hf_folder(
     hf_dir: str | os.PathLike,
     deit_name: str,
+    weights: WeightSource | None = None,
     *,
-    init: str = "pretrained",
-    seed: int = 0,
-    model_kwargs: dict | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    ema: bool | None = None,
-    atol: float | None = None,
-    images: Sequence[Image.Image] | None = None,
+    check: CheckOptions | None = None,
     progress: Callable[[str], None] | None = None,
-    layers: bool = False,
+    **loose: Any,
 ) -> parity.ParityReport:
     """Check an existing transformers folder (ours or the hub's) against a timm model.
 
@@ -224,12 +269,11 @@ def verify_hf_folder(
 
     Args:
         hf_dir: the transformers folder (local).
-        deit_name, init, seed, model_kwargs, checkpoint, ema: the timm model, as for
-            `convert_deit_checkpoint`.
-        atol: the tolerance (default: `DTYPE_ATOL` of the folder's dtype).
-        images: more images for the parity batch.
+        deit_name, weights: the timm model, as for `convert_deit_checkpoint`.
+        check: `atol` (default: `DTYPE_ATOL` of the folder's dtype), `images`, `layers`.
         progress: called with `loading`, `verifying`.
-        layers: compare every stage too (`check_parity(..., layers=True)`).
+        **loose: keyword-only compatibility, as for `convert_deit_checkpoint`: the weights'
+            keywords and `atol`, `images`, `layers`.
 
     Returns:
         The `ParityReport`; `passed` says whether it matched.
@@ -243,23 +287,28 @@ def verify_hf_folder(
         >>> verify_hf_folder("deit-tiny-hf", "deit_tiny_patch16_224").passed
         True
     """
+    weights, _, check = _fold(weights, None, check, loose)
     step = Steps(progress)
     folder = Path(hf_dir)
     folder_config = hf_folder.read_folder_config(folder)
     step("loading")
-    timm_model = timm_source(
-        deit_name, init=init, seed=seed, model_kwargs=model_kwargs, checkpoint=checkpoint, ema=ema
-    ).model
+    timm_model = timm_source(deit_name, weights).model
     spec = ArchSpec.from_timm(timm_model)
     if spec.distilled and folder_config.get("architectures") == ["DeiTForImageClassification"]:
         spec = with_head(spec, "cls")  # a `--head cls` folder
+    atol = check.atol
     if atol is None:
         atol = DTYPE_ATOL.get(hf_folder.folder_dtype(folder_config), DEFAULT_ATOL)
     step("verifying")
     hf_model = hf_folder.load_hf_folder(folder, spec, **hf_folder.float32_kwargs())
-    inputs = parity.parity_inputs(timm_model, images=[parity.synthetic_image(0), *(images or [])])
+    inputs = parity.parity_inputs(timm_model, images=[parity.synthetic_image(0), *check.images])
     return parity.check_parity(
-        timm_model, hf_model, inputs, atol=atol, layers=layers, cls_head_only=spec.cls_head_only
+        timm_model,
+        hf_model,
+        inputs,
+        atol=atol,
+        layers=check.layers,
+        cls_head_only=spec.cls_head_only,
     )
 
 
