@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 import deit_port.hf_folder
 import deit_port.output
 from deit_port import cli
-from deit_port.checkpoint import detect_format
+from deit_port.checkpoint_format import detect_format
 from deit_port.errors import CheckpointError, LabelsError, OutputError
 from deit_port.labels import read_labels
 from deit_port.output import write_error_cause
