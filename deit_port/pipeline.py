@@ -13,17 +13,16 @@ check of an existing folder against timm.
    model card (`card`) and only then moved into place.
 
     >>> report = convert_deit_checkpoint("deit_tiny_patch16_224", "out", WeightSource(init="random"))
+    >>> convert_deit_checkpoint("deit_small_patch16_224", "out", WeightSource(checkpoint="c.pth"))
     >>> report.passed
     True
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,15 +35,13 @@ from .arch import ArchSpec, with_head
 from .card import write_model_card
 from .errors import ParityError, PreprocessingError
 from .hf_config import build_config
+from .options import CheckOptions, FolderOptions, fold_options
 from .progress import Steps
-from .source import WEIGHT_KEYWORDS, WeightSource, timm_source, weight_source
-from .tolerances import DEFAULT_ATOL, DTYPE_ATOL
+from .source import WeightSource, timm_source
+from .tolerances import DEFAULT_ATOL
 
 __all__ = [
-    "OPTION_KEYWORDS",
     "STEPS",
-    "CheckOptions",
-    "FolderOptions",
     "convert_deit_checkpoint",
     "convert_timm_model",
     "verify_hf_folder",
@@ -78,72 +75,6 @@ def convert_timm_model(
     return hf_folder.load_hf_state_dict(state_dict, build_config(spec, labels), spec)
 
 
-@dataclass(frozen=True)
-class FolderOptions:
-    """What `convert_deit_checkpoint` writes, besides the weights' values.
-
-    Attributes:
-        labels: class names (default: ImageNet-1k for 1000 classes).
-        dtype: `float32`, `float16` or `bfloat16`: the written weights. For the other two the
-            conversion is checked in float32 first, then the written folder at `DTYPE_ATOL`.
-        head: for a distilled model, `teacher` (default): both heads, averaged, as timm's eval
-            forward (`DeiTForImageClassificationWithTeacher`, for inference); or `cls`: the
-            class-token head only (`DeiTForImageClassification`, which transformers trains
-            with `labels`), checked against `model.head(model.forward_features(x)[:, 0])`.
-            A model without distillation head has only the class-token head: `cls` changes
-            nothing there and `teacher` is an error, as is either without a classifier.
-        max_shard_size: safetensors shard size; past one shard, an index.
-    """
-
-    labels: Sequence[str] | None = None
-    dtype: str = "float32"
-    head: str | None = None
-    max_shard_size: int | str = "5GB"
-
-
-@dataclass(frozen=True)
-class CheckOptions:
-    """How a folder is checked against timm.
-
-    Attributes:
-        verify: run the parity check (`convert_deit_checkpoint` returns None without it).
-        atol: the parity contract (default: `DTYPE_ATOL` of the written dtype).
-        images: more images for the parity batch (any mode; added to the synthetic one). The
-            written `preprocessor_config.json` is also checked against timm's transform on them.
-        layers: compare every stage too (`check_parity(..., layers=True)`): the report's
-            `table()` and, on failure, `first_divergence` say where the models part.
-    """
-
-    verify: bool = True
-    atol: float | None = None
-    images: Sequence[Image.Image] = ()
-    layers: bool = False
-
-
-# The keyword arguments of the calls before `FolderOptions` and `CheckOptions`, still accepted.
-OPTION_KEYWORDS = (
-    *WEIGHT_KEYWORDS,
-    *(f.name for f in dataclasses.fields(FolderOptions)),
-    *(f.name for f in dataclasses.fields(CheckOptions)),
-)
-
-
-def _fold(weights, written, check, loose: dict) -> tuple[WeightSource, FolderOptions, CheckOptions]:
-    """The three values with the loose keywords (`OPTION_KEYWORDS`) applied to each."""
-    unknown = sorted(set(loose) - set(OPTION_KEYWORDS))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
-    if loose.get("images", ()) is None:
-        loose["images"] = ()
-
-    def of(value, cls):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return dataclasses.replace(value or cls(), **{k: loose[k] for k in names & set(loose)})
-
-    weights = weight_source(weights, **{k: loose[k] for k in WEIGHT_KEYWORDS if k in loose})
-    return weights, of(written, FolderOptions), of(check, CheckOptions)
-
-
 def convert_deit_checkpoint(
     deit_name: str,
     pytorch_dump_folder_path: str | os.PathLike,
@@ -155,71 +86,40 @@ def convert_deit_checkpoint(
     progress: Callable[[str], None] | None = None,
     **loose: Any,
 ) -> parity.ParityReport | None:
-    """Convert the timm model `deit_name` and write a transformers folder, parity checked.
-
-    The folder (config, safetensors weights, image processor, model card `README.md`) is built
-    beside `pytorch_dump_folder_path` and moved into place only after the written folder,
-    loaded back with `from_pretrained`, matched the timm model.
+    """Convert the timm model `deit_name` and write a transformers folder, built beside its
+    final name and moved there only after it matched timm, loaded back.
 
     Args:
-        deit_name: a timm model name (tags and legacy `vit_deit_*` names accepted); `auto`
-            with a checkpoint: the registered DeiT its tensors fit.
-        pytorch_dump_folder_path: the output folder; must be absent or empty unless `overwrite`.
-        weights: where the weights come from (default: timm's pretrained weights).
-        written: labels, dtype, head, shard size (`FolderOptions`).
-        check: the parity check (`CheckOptions`).
-        overwrite: replace an existing folder.
-        progress: called with the name of each step as it starts (`STEPS`); their times are
-            logged at INFO (`time per step: ...`).
-        **loose: keyword-only compatibility (`OPTION_KEYWORDS`): `init`, `seed`,
-            `model_kwargs`, `checkpoint`, `ema` for `weights`; `labels`, `dtype`, `head`,
-            `max_shard_size` for `written`; `verify`, `atol`, `images`, `layers` for `check`.
+        deit_name: a timm model name; `auto` with a checkpoint: the DeiT its tensors fit.
+        pytorch_dump_folder_path: the output folder; absent or empty unless `overwrite`.
+        weights, written, check: where the weights come from (default: timm's pretrained
+            ones); labels, dtype, head, shard size; the parity check (`options`).
+        progress: called with each step's name as it starts (`STEPS`).
+        **loose: keyword-only compatibility: the three values' fields (`OPTION_KEYWORDS`).
 
     Returns:
         The `ParityReport` of the written folder (None without `check.verify`).
 
     Raises:
-        ParityError, PreprocessingError: the written folder or its image processor differs
-            from timm; nothing was written.
-        BadInputError (OutputError, CheckpointError, ...): bad input; nothing was written.
-
-    Example:
-        >>> convert_deit_checkpoint("deit_small_patch16_224", "out", WeightSource(checkpoint="ckpt.pth"))
+        ParityError, PreprocessingError, BadInputError: nothing is written then.
     """
-    weights, written, check = _fold(weights, written, check, loose)
-    step = Steps(progress)
+    weights, written, check = fold_options(weights, written, check, loose)
+    step, protect = Steps(progress), _protected(weights)
     dtype_name, _ = hf_folder.resolve_dtype(written.dtype)
-    atol = DTYPE_ATOL[dtype_name] if check.atol is None else check.atol
-    protect = () if weights.checkpoint is None else (weights.checkpoint,)
     output.check_output_dir(pytorch_dump_folder_path, overwrite, protect)
-
     step("loading")
-    source = timm_source(deit_name, weights)
-    timm_model = source.model
-    card = {"timm_name": source.name, "source": source.weights, "notes": source.notes}
-    spec = with_head(ArchSpec.from_timm(timm_model), written.head)
-    config = build_config(spec, written.labels)
+    timm_model, spec, config, card, mapped = _load(deit_name, weights, written, dtype_name)
     batch = [parity.synthetic_image(0), *check.images]
-    reference = None
-    if check.verify:
-        step("timm outputs")
-        reference = _timm_reference(timm_model, spec, batch, check.layers)
-
+    reference = _timm_reference(timm_model, spec, batch, check, step)
     step("converting")
-    mapped = source.mapped_again()
-    del source  # its checkpoint's tensors are the timm model's, freed below when not needed
     state_dict = _hf_state_dict(timm_model, mapped, spec)
     del mapped
     state_dict, exact = _cast(state_dict, config, spec, reference, dtype_name, step)
-
-    report = None
-    nbytes, files = hf_folder.hf_folder_size(state_dict, written.max_shard_size)
-    files += 2  # the image processor's config and the model card
+    report, (nbytes, files) = None, hf_folder.hf_folder_size(state_dict, written.max_shard_size)
     with publish.atomic_folder(
-        pytorch_dump_folder_path, overwrite=overwrite, protect=protect, size=nbytes, files=files
-    ) as tmp:
+        pytorch_dump_folder_path, overwrite, protect, size=nbytes, files=files + 2
+    ) as tmp:  # + 2: the image processor's config and the model card
         step("writing")
-        logger.info("writing %s", pytorch_dump_folder_path)
         hf_folder.save_hf_folder(tmp, state_dict, config, max_shard_size=written.max_shard_size)
         preprocess.save_preprocessor(tmp, timm_model)
         if reference is not None:
@@ -227,15 +127,36 @@ def convert_deit_checkpoint(
             _check_preprocessing(tmp, timm_model, batch)
             del timm_model, state_dict
             memory.release_freed()  # the folded tensors' memory, before the folder is loaded
-            report = _check_written(tmp, spec, reference, atol)
+            report = _check_written(tmp, spec, reference, check.atol_for(dtype_name))
         step("model card")
-        n_inputs = 0 if reference is None else len(reference.inputs)
-        labels = [config.id2label[i] for i in range(spec.num_classes)]
-        write_model_card(tmp, **card, spec=spec, dtype=dtype_name, report=report,
-                         inputs=_describe_inputs(len(batch), n_inputs), exact_report=exact,
-                         labels=labels)  # fmt: skip
+        inputs = _describe_inputs(len(batch), 0 if reference is None else len(reference.inputs))
+        write_model_card(tmp, **card, report=report, inputs=inputs, exact_report=exact)
     logger.info("time per step: %s", step.summary())
     return report
+
+
+def _protected(weights: WeightSource) -> tuple:
+    """The files the output must not overwrite: the checkpoint being converted."""
+    return () if weights.checkpoint is None else (weights.checkpoint,)
+
+
+def _load(deit_name: str, weights: WeightSource, written: FolderOptions, dtype_name: str):
+    """`(timm model, spec, config, the model card's facts, the checkpoint mapped afresh)`.
+
+    The checkpoint is mapped again here (`mapped_again`: writing from pages nothing has read
+    is faster) and its `TimmSource` let go: its tensors are the timm model's, freed with it."""
+    source = timm_source(deit_name, weights)
+    spec = with_head(ArchSpec.from_timm(source.model), written.head)
+    config = build_config(spec, written.labels)
+    card = {
+        "timm_name": source.name,
+        "source": source.weights,
+        "notes": source.notes,
+        "spec": spec,
+        "dtype": dtype_name,
+        "labels": [config.id2label[i] for i in range(spec.num_classes)],
+    }
+    return source.model, spec, config, card, source.mapped_again()
 
 
 def _cast(state_dict, config, spec, reference, dtype_name: str, step: Steps):
@@ -287,7 +208,7 @@ def verify_hf_folder(
         >>> verify_hf_folder("deit-tiny-hf", "deit_tiny_patch16_224").passed
         True
     """
-    weights, _, check = _fold(weights, None, check, loose)
+    weights, _, check = fold_options(weights, None, check, loose)
     step = Steps(progress)
     folder = Path(hf_dir)
     folder_config = hf_folder.read_folder_config(folder)
@@ -296,9 +217,7 @@ def verify_hf_folder(
     spec = ArchSpec.from_timm(timm_model)
     if spec.distilled and folder_config.get("architectures") == ["DeiTForImageClassification"]:
         spec = with_head(spec, "cls")  # a `--head cls` folder
-    atol = check.atol
-    if atol is None:
-        atol = DTYPE_ATOL.get(hf_folder.folder_dtype(folder_config), DEFAULT_ATOL)
+    atol = check.atol_for(hf_folder.folder_dtype(folder_config))
     step("verifying")
     hf_model = hf_folder.load_hf_folder(folder, spec, **hf_folder.float32_kwargs())
     inputs = parity.parity_inputs(timm_model, images=[parity.synthetic_image(0), *check.images])
@@ -322,8 +241,14 @@ class _Reference(NamedTuple):
 
 
 def _timm_reference(
-    timm_model: nn.Module, spec: ArchSpec, batch: list[Image.Image], layers: bool
-) -> _Reference:
+    timm_model: nn.Module, spec: ArchSpec, batch: list[Image.Image], check: CheckOptions, step
+) -> _Reference | None:
+    """timm's outputs (and, with `check.layers`, every stage's) on the parity batch; None
+    without `check.verify`."""
+    if not check.verify:
+        return None
+    step("timm outputs")
+    layers = check.layers
     inputs = parity.parity_inputs(timm_model, images=batch)
     if not layers:
         return _Reference(
