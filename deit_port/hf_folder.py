@@ -170,18 +170,7 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[object, dict[str, torch.T
     if config.hidden_act != "gelu":
         raise BadInputError(f"hidden_act {config.hidden_act!r} is not timm DeiT's exact GELU")
 
-    if (folder / _INDEX).is_file():
-        try:
-            weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise BadInputError(f"{folder / _INDEX} is not a valid index: {first_line(e)}") from e
-    elif (folder / _SINGLE).is_file():
-        files = [_SINGLE]
-    else:
-        raise BadInputError(
-            f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read"
-        )
+    files = _weight_files(folder)
     state_dict: dict[str, torch.Tensor] = {}
     for name in files:
         try:
@@ -196,6 +185,19 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[object, dict[str, torch.T
     spec = ArchSpec.from_hf_config(config, base_model=base_model)
     logger.info("read %s: %d tensors, %s", folder, len(state_dict), spec)
     return config, state_dict, spec
+
+
+def _weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a folder: its index's shards, or its one `model.safetensors`."""
+    if (folder / _INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
+            return sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BadInputError(f"{folder / _INDEX} is not a valid index: {first_line(e)}") from e
+    if (folder / _SINGLE).is_file():
+        return [_SINGLE]
+    raise BadInputError(f"{folder} has no {_SINGLE} or {_INDEX}: only safetensors weights are read")
 
 
 def load_hf_folder(folder: str | os.PathLike, spec: ArchSpec, **kwargs) -> torch.nn.Module:

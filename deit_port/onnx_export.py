@@ -194,36 +194,28 @@ def export_onnx(
     """Export a transformers ViT/DeiT folder to ONNX, checked with onnxruntime, atomically.
 
     Args:
-        hf_dir: the transformers folder (ours or the hub's).
-        output: the `.onnx` file to write.
+        hf_dir, output: the transformers folder (ours or the hub's); the `.onnx` file to write.
         deit_name: the timm model the folder was converted from; with it the folder is first
             checked against timm (as `verify`), and the ONNX file is compared with timm too.
-            Without it, with the transformers model only.
-        weights: the timm model's weights, as for `convert_deit_checkpoint`; its `seed` also
-            seeds the compared batch.
+        weights: the timm model's weights (`WeightSource`); its `seed` seeds the batch too.
         overwrite: replace an existing `output`.
         atol: the bound for onnxruntime vs transformers, and vs timm for a float32 folder
-            (a float16/bfloat16 folder differs from timm by up to its `DTYPE_ATOL`). Before
-            the export, the folder is checked against timm as `verify` checks it.
-        **loose: keyword-only compatibility: `init`, `seed`, `model_kwargs`, `checkpoint`,
-            `ema`, applied to `weights` (`source.weight_source`).
+            (a float16/bfloat16 folder differs from timm by up to its `DTYPE_ATOL`).
+        **loose: keyword-only compatibility: `weights`' fields (`source.WEIGHT_KEYWORDS`).
 
     Returns:
         An `OnnxReport` (every check passed).
 
     Raises:
         MissingExtraError: the ONNX stack is not installed (`pip install 'deit-port[onnx]'`).
-        ParityError: a comparison exceeded its bound; nothing was written.
-        OutputError, KeyMismatchError, CheckpointError, BadInputError: bad input; nothing
-            was written.
+        ParityError, BadInputError (OutputError, CheckpointError, ...): nothing was written.
 
     Example:
         >>> export_onnx("deit-tiny-hf", "deit-tiny.onnx", "deit_tiny_patch16_224").passed
         True
     """
     require_onnx()
-    out = check_output_file(output, overwrite, suffix=".onnx")
-    folder = Path(hf_dir)
+    out, folder = check_output_file(output, overwrite, suffix=".onnx"), Path(hf_dir)
     dtype = hf_folder.folder_dtype(hf_folder.read_folder_config(folder))
     weights = weight_source(weights, **loose)
     timm_model = _timm_model(deit_name, weights)
@@ -231,22 +223,9 @@ def export_onnx(
     model = _Output(hf_model).eval()
     x = _inputs(timm_model, spec, weights.seed)
     output_name = "logits" if spec.num_classes else "last_hidden_state"
-    # a float16/bfloat16 folder (computed in float32) differs from timm by its rounding
     timm_atol = atol if dtype == "float32" else max(atol, DTYPE_ATOL.get(dtype, atol))
-
-    checks: list[OnnxCheck] = []
-    if timm_model is not None:  # the folder itself first: no export for a folder that differs
-        folder_atol = DTYPE_ATOL.get(dtype, DTYPE_ATOL["float32"])  # as `verify` checks it
-        report = compare_tensors(
-            reference_outputs(timm_model, x), _torch_output(model, x), folder_atol
-        )
-        checks.append(OnnxCheck(TRANSFORMERS, TIMM, len(x), report))
-        if not report.passed:
-            raise ParityError(_report(out, output_name, checks, 0.0, None))
-
-    # the weights in float32 (past 1.5 GB, into NAME.onnx.data beside it); the graph (1.1 MiB
-    # for DeiT tiny) is in the margin `check_free_space` adds
-    nbytes = sum(v.nbytes for v in hf_model.state_dict().values())
+    checks = _check_folder(timm_model, model, x, dtype, _report(out, output_name, [], 0.0, None))
+    nbytes = sum(v.nbytes for v in hf_model.state_dict().values())  # the graph: in the margin
     files = 2 if nbytes > _EXTERNAL_DATA else 1
     with atomic_file(out, overwrite, size=nbytes, files=files) as tmp:
         logger.info("exporting %s to ONNX", folder)
@@ -257,11 +236,32 @@ def export_onnx(
         logger.info(result.summary())
         if not result.passed:
             raise ParityError(result)
-        data = tmp.with_name(tmp.name + ".data")
-        if data.exists():  # published first: the .onnx that reads it comes when this block ends
-            with atomic_file(out.with_name(data.name), overwrite) as data_tmp:
-                os.rename(data, data_tmp)
+        _publish_data(tmp, out, overwrite)
     return result
+
+
+def _check_folder(
+    timm_model: nn.Module | None, model: nn.Module, x: torch.Tensor, dtype: str, empty: OnnxReport
+) -> list[OnnxCheck]:
+    """The folder itself against timm, as `verify` checks it, before any export: no export for
+    a folder that differs (`ParityError`, with `empty`'s names). No check without timm."""
+    if timm_model is None:
+        return []
+    folder_atol = DTYPE_ATOL.get(dtype, DTYPE_ATOL["float32"])
+    report = compare_tensors(reference_outputs(timm_model, x), _torch_output(model, x), folder_atol)
+    checks = [OnnxCheck(TRANSFORMERS, TIMM, len(x), report)]
+    if not report.passed:
+        raise ParityError(dataclasses.replace(empty, checks=tuple(checks)))
+    return checks
+
+
+def _publish_data(tmp: Path, out: Path, overwrite: bool) -> None:
+    """The weights torch wrote beside the file (`NAME.onnx.data`, past 1.5 GB), if any,
+    published first: the `.onnx` that reads them comes when its own block ends."""
+    data = tmp.with_name(tmp.name + ".data")
+    if data.exists():
+        with atomic_file(out.with_name(data.name), overwrite) as data_tmp:
+            os.rename(data, data_tmp)
 
 
 def _timm_model(deit_name: str | None, weights: WeightSource) -> nn.Module | None:

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from . import hf_folder
-from .card import CARD_FILE, onnx_section, with_section
+from .card import onnx_section, replace_section
 from .errors import BadInputError
 from .onnx_export import BATCH_SIZES, OnnxReport, export_onnx, require_onnx
 from .onnx_quantize import QuantizedCheck, check_fraction, quantize_onnx
-from .publish import atomic_file, atomic_folder
+from .publish import atomic_folder
 from .source import WeightSource, weight_source
 from .tolerances import ONNX_ATOL
 
@@ -142,30 +142,16 @@ def export_onnx_folder(
         1.0
     """
     require_onnx()
-    import onnxruntime
 
     weights = weight_source(weights, **loose)
     check_fraction(min_top1)
     folder = Path(hf_dir)
-    hf_folder.read_folder_config(
-        folder
-    )  # a model folder, before atomic_folder makes any folder there
+    hf_folder.read_folder_config(folder)  # a model folder, before atomic_folder makes one there
     with atomic_folder(folder / ONNX_FOLDER, overwrite) as tmp:
-        fp32 = export_onnx(
-            folder,
-            tmp / MODEL_FILE,
-            deit_name,
-            weights,
-            atol=atol,
-        )
+        fp32 = export_onnx(folder, tmp / MODEL_FILE, deit_name, weights, atol=atol)
         quantized = None
         if quantize:
-            session = onnxruntime.InferenceSession(
-                str(tmp / MODEL_FILE), providers=["CPUExecutionProvider"]
-            )
-            shape = tuple(session.get_inputs()[0].shape[1:])
-            del session
-            x = check_batch(folder, shape, images, seed=weights.seed)
+            x = check_batch(folder, _input_shape(tmp / MODEL_FILE), images, seed=weights.seed)
             quantized = quantize_onnx(tmp / MODEL_FILE, tmp / QUANTIZED_FILE, x, min_top1=min_top1)
     out = folder / ONNX_FOLDER  # the reports name the files where they now lie
     done = OnnxFolderReport(
@@ -173,11 +159,14 @@ def export_onnx_folder(
         dataclasses.replace(fp32, output=out / MODEL_FILE),
         None if quantized is None else dataclasses.replace(quantized, output=out / QUANTIZED_FILE),
     )
-    card = folder / CARD_FILE
-    text = card.read_text(encoding="utf-8") if card.is_file() else ""
-    with atomic_file(card, overwrite=True) as tmp_card:
-        tmp_card.write_text(
-            with_section(text, ONNX_FOLDER, onnx_section(done.folder, done.fp32, done.quantized)),
-            encoding="utf-8",
-        )
+    replace_section(folder, ONNX_FOLDER, onnx_section(done.folder, done.fp32, done.quantized))
     return done
+
+
+def _input_shape(model_file: Path) -> tuple[int, int, int]:
+    """`(C, H, W)` of the ONNX file's input, as onnxruntime reads it."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    _, channels, height, width = session.get_inputs()[0].shape
+    return channels, height, width

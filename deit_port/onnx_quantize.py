@@ -112,49 +112,59 @@ def quantize_onnx(
         1.0
     """
     require_onnx()
-    import onnxruntime
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     check_fraction(min_top1)
-
     out = check_output_file(output, overwrite, suffix=".onnx")
+    model_file = Path(model_file)
     weight_type = q8_weight_type(model_file)
-    fp32 = onnxruntime.InferenceSession(os.fspath(model_file), providers=["CPUExecutionProvider"])
-    expected = run_onnx(fp32, inputs)
-    del fp32
+    expected = _run_file(model_file, inputs)
     with atomic_file(out, overwrite) as tmp:
-        drop = _DropRootMessage()
-        logging.getLogger().addFilter(drop)
-        try:
-            quantize_dynamic(
-                _without_shape_annotations(Path(model_file)),
-                os.fspath(tmp),
-                weight_type=QuantType[weight_type],
-                extra_options={"MatMulConstBOnly": True},
-            )
-        finally:
-            logging.getLogger().removeFilter(drop)
-        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        actual = run_onnx(session, inputs)
-        del session
+        _quantize(model_file, tmp, weight_type)
+        actual = _run_file(tmp, inputs)
         report = compare_tensors(expected, actual, atol=math.inf)
         finite = bool(torch.isfinite(actual).all()) and report.shape_hf == report.shape_timm
         check = QuantizedCheck(
             output=out,
-            reference=Path(model_file).name,
+            reference=model_file.name,
             weight_type=weight_type,
             inputs=len(inputs),
             top1_agreement=report.top1_agreement,
             max_abs_diff=report.max_abs_diff if finite else math.inf,
             mean_abs_diff=report.mean_abs_diff if finite else math.inf,
             size_bytes=tmp.stat().st_size,
-            fp32_size_bytes=onnx_bytes(Path(model_file)),
+            fp32_size_bytes=onnx_bytes(model_file),
             min_top1=min_top1,
         )
         logger.info(check.summary())
         if not check.passed:
             raise ParityError(check)
     return check
+
+
+def _run_file(model_file: Path, inputs: torch.Tensor) -> torch.Tensor:
+    """An ONNX file's output on `inputs`, run by onnxruntime on the CPU (the session freed)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        os.fspath(model_file), providers=["CPUExecutionProvider"]
+    )
+    return run_onnx(session, inputs)
+
+
+def _quantize(model_file: Path, output: Path, weight_type: str) -> None:
+    """onnxruntime's `quantize_dynamic`, as transformers.js makes its `q8` files."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    drop = _DropRootMessage()
+    logging.getLogger().addFilter(drop)
+    try:
+        quantize_dynamic(
+            _without_shape_annotations(model_file),
+            os.fspath(output),
+            weight_type=QuantType[weight_type],
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        logging.getLogger().removeFilter(drop)
 
 
 def _without_shape_annotations(model_file: Path):

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import hf_folder, mapping, memory, output, parity, preprocess, publish
 from .arch import ArchSpec, with_head
-from .card import write_model_card
+from .card import ModelFacts, write_model_card
 from .errors import ParityError, PreprocessingError
 from .hf_config import build_config
 from .options import CheckOptions, FolderOptions, fold_options
@@ -130,7 +130,7 @@ def convert_deit_checkpoint(
             report = _check_written(tmp, spec, reference, check.atol_for(dtype_name))
         step("model card")
         inputs = _describe_inputs(len(batch), 0 if reference is None else len(reference.inputs))
-        write_model_card(tmp, **card, report=report, inputs=inputs, exact_report=exact)
+        write_model_card(tmp, card, report=report, inputs=inputs, exact_report=exact)
     logger.info("time per step: %s", step.summary())
     return report
 
@@ -148,14 +148,8 @@ def _load(deit_name: str, weights: WeightSource, written: FolderOptions, dtype_n
     source = timm_source(deit_name, weights)
     spec = with_head(ArchSpec.from_timm(source.model), written.head)
     config = build_config(spec, written.labels)
-    card = {
-        "timm_name": source.name,
-        "source": source.weights,
-        "notes": source.notes,
-        "spec": spec,
-        "dtype": dtype_name,
-        "labels": [config.id2label[i] for i in range(spec.num_classes)],
-    }
+    labels = [config.id2label[i] for i in range(spec.num_classes)]
+    card = ModelFacts(source.name, spec, source.weights, dtype_name, labels, source.notes)
     return source.model, spec, config, card, source.mapped_again()
 
 
