@@ -1,5 +1,6 @@
-"""Reading weights: checkpoint formats and wrappers, EMA, prefixes, DeiT III names, model names,
-timm's pretrained path offline, the seed's interface, --dtype, --labels, sharding, acceptance."""
+"""Reading weights from a checkpoint file: formats, wrappers and EMA, prefixes, DeiT III names,
+building the model from it, other VisionTransformers, and the offline scenario from a .pth to a
+transformers pipeline."""
 
 import argparse
 import json
@@ -10,17 +11,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageClassification
 
 from deit_port import cli
 from deit_port.arch import ArchSpec
 from deit_port.checkpoint import read_checkpoint, remap_state_dict
-from deit_port.cli import seed_main as convert_main
 from deit_port.convert import convert_deit_checkpoint
 from deit_port.errors import CheckpointError
-from deit_port.labels import read_labels
 from deit_port.mapping import timm_to_hf
 from deit_port.parity import parity_inputs, synthetic_image
 from deit_port.source import load_timm_model
@@ -318,191 +315,7 @@ def test_other_vision_transformers_convert(tmp_path, name, size, capsys):
     assert config["image_size"] == size and config["architectures"] == ["ViTForImageClassification"]
 
 
-# --- --labels ------------------------------------------------------------------------------
-
-LABELS = ["cat", "dog", "wombat"]
-
-
-@pytest.mark.parametrize(
-    ("fmt", "text"),
-    [
-        ("json-list", json.dumps(LABELS)),
-        ("json-id2label", json.dumps({"2": "wombat", "0": "cat", "1": "dog"})),
-        ("json-label2id", json.dumps({"dog": 1, "wombat": 2, "cat": 0})),
-        ("lines", "cat\ndog\nwombat\n"),
-    ],
-)
-def test_read_labels(tmp_path, fmt, text):
-    path = tmp_path / "labels"
-    path.write_text(text)
-    assert read_labels(path) == LABELS
-
-
-@pytest.mark.parametrize(
-    "text", ["cat\n\ndog\n", "cat\ncat\n", '{"0": "cat", "2": "dog"}', "[1, 2]", "[", ""]
-)
-def test_read_labels_refuses_bad_files(tmp_path, text):
-    path = tmp_path / "labels"
-    path.write_text(text)
-    with pytest.raises(CheckpointError, match=str(path)):
-        read_labels(path)
-
-
-def test_labels_file_names_the_classes(tiny, tmp_path):
-    model = random_timm_model(TINY, seed=8, num_classes=3)
-    ckpt = _save(_sd(model), tmp_path / "finetune.safetensors", "safetensors")
-    labels = tmp_path / "labels.txt"
-    labels.write_text("\n".join(LABELS) + "\n")
-    out = tmp_path / "out"
-    argv = [
-        "convert",
-        TINY,
-        str(out),
-        "--checkpoint",
-        str(ckpt),
-        "--num-classes",
-        "3",
-        "--labels",
-        str(labels),
-        "-q",
-    ]
-    assert cli.main(argv) == 0
-    config = json.loads((out / "config.json").read_text())
-    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "wombat"}
-    assert config["label2id"] == {"cat": 0, "dog": 1, "wombat": 2}
-
-
-# --- --dtype and sharding ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("dtype", "st_dtype"), [("float16", "F16"), ("bfloat16", "BF16")])
-def test_dtype_casts_the_written_weights(tiny, tmp_path, dtype, st_dtype, record_property):
-    ckpt = _save(_sd(tiny), tmp_path / "w.safetensors", "safetensors")
-    out = tmp_path / "out"
-    report = convert_deit_checkpoint(TINY, out, checkpoint=ckpt, dtype=dtype)
-    with safe_open(out / "model.safetensors", "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {st_dtype}  # noqa: SIM118
-        head = f.get_tensor("classifier.weight")
-    assert torch.equal(head, tiny.head.weight.detach().to(getattr(torch, dtype)))
-    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
-
-    hf = AutoModelForImageClassification.from_pretrained(out, dtype=torch.float32)
-    x = parity_inputs(tiny, n=4, seed=0)
-    diffs = (model_output(hf, x) - model_output(tiny, x)).abs()
-    diff = diffs.max().item()
-    record_property("variant", f"{TINY} written in {dtype} (tolerance {report.atol:g})")
-    record_property("max_abs_diff", diff)
-    record_property("mean_abs_diff", diffs.mean().item())
-    assert diff > 0, "the cast should be visible in the logits"
-    assert report.passed and diff <= report.atol, (
-        f"max |diff| {diff:.3g} vs the stated {report.atol}"
-    )
-    assert report.atol > 1e-3, "a float32 tolerance cannot hold for rounded weights"
-    assert abs(report.max_abs_diff - diff) <= 1e-6
-
-
-def test_shards_past_max_shard_size_with_a_complete_index(tiny, tmp_path):
-    ckpt = _save(_sd(tiny), tmp_path / "w.safetensors", "safetensors")
-    one, many = tmp_path / "one", tmp_path / "many"
-    convert_deit_checkpoint(TINY, one, checkpoint=ckpt, verify=False)
-    convert_deit_checkpoint(TINY, many, checkpoint=ckpt, max_shard_size="1MB")
-
-    index = json.loads((many / "model.safetensors.index.json").read_text())
-    shards = sorted(many.glob("model-*-of-*.safetensors"))
-    assert len(shards) > 1 and not (many / "model.safetensors").exists()
-    assert sorted(set(index["weight_map"].values())) == [p.name for p in shards]
-    in_shards = {}
-    for shard in shards:
-        assert shard.stat().st_size <= 1_000_000 + 200_000, f"{shard.name} exceeds the shard size"
-        for k, v in load_file(shard).items():
-            assert index["weight_map"][k] == shard.name
-            in_shards[k] = v
-    whole = load_file(one / "model.safetensors")
-    assert sorted(in_shards) == sorted(whole) == sorted(index["weight_map"])
-    for k, v in whole.items():
-        assert torch.equal(in_shards[k], v), k
-    assert index["metadata"]["total_size"] == sum(
-        v.numel() * v.element_size() for v in whole.values()
-    )
-
-    hf, info = AutoModelForImageClassification.from_pretrained(many, output_loading_info=True)
-    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
-    x = parity_inputs(tiny, n=2, seed=0)
-    torch.testing.assert_close(
-        model_output(hf, x),
-        model_output(tiny, x),
-        atol=ATOL,
-        rtol=0,
-        msg=lambda m: f"sharded folder vs timm: {m}",
-    )
-
-    # --overwrite with one file leaves no stale shard or index
-    convert_deit_checkpoint(TINY, many, checkpoint=ckpt, overwrite=True, verify=False)
-    assert not list(many.glob("model-*")) and not (many / "model.safetensors.index.json").exists()
-
-
-# --- timm's pretrained path, offline; the seed's interface; the acceptance scenario --------
-
-
-def _hub_cache_with(tmp_path: Path, repo: str, state_dict: dict) -> Path:
-    """A huggingface_hub cache holding `repo` as timm publishes it: `model.safetensors` in a
-    snapshot, `refs/main` naming the snapshot (the file timm asks for is `pytorch_model.bin`;
-    it looks for its safetensors alternative `model.safetensors` first)."""
-    cache = tmp_path / "hub"
-    repo_dir = cache / f"models--{repo.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = repo_dir / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    save_file(state_dict, snapshot / "model.safetensors")
-    (snapshot / "config.json").write_text(json.dumps({"architecture": TINY, "num_classes": 1000}))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    return cache
-
-
-def test_pretrained_from_the_local_hub_cache_offline(tiny, tmp_path):
-    """With and without the tag: both resolve to timm/deit_tiny_patch16_224.fb_in1k."""
-    cache = _hub_cache_with(tmp_path, "timm/deit_tiny_patch16_224.fb_in1k", _sd(tiny))
-    names = {"untagged": TINY, "tagged": f"{TINY}.fb_in1k"}
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
-    script = textwrap.dedent(f"""
-        from deit_port import cli
-        for out, name in {names!r}.items():
-            code = cli.main(["-q", "convert", name, {str(tmp_path)!r} + "/" + out])
-            assert code == 0, (name, code)
-    """)
-    r = run_python("-c", script, env=env)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("parity PASS") == 2
-    for out in names:
-        written = load_file(tmp_path / out / "model.safetensors")
-        assert torch.equal(written["classifier.weight"], tiny.head.weight.detach()), out
-        assert "timm/deit_tiny_patch16_224.fb_in1k" in (tmp_path / out / "README.md").read_text()
-
-
-def test_seed_interface_takes_the_new_options(tiny, tmp_path):
-    ckpt = _save({"model": _sd(tiny), "model_ema": _sd(tiny)}, tmp_path / "c.pth", "torch-zip")
-    out = tmp_path / "out"
-    code = convert_main(
-        [
-            "--deit_name",
-            "vit_deit_tiny_patch16_224",
-            "--pytorch_dump_folder_path",
-            str(out),
-            "--checkpoint",
-            str(ckpt),
-            "--no-ema",
-            "--dtype",
-            "bfloat16",
-            "--max-shard-size",
-            "2MB",
-            "-q",
-        ]
-    )  # `python -m deit_port.convert` runs this main (tests/test_cli.py runs it as a module)
-    assert code == 0
-    assert (out / "model.safetensors.index.json").is_file()
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-    assert "entry 'model' of c.pth" in (out / "README.md").read_text()
+# --- the acceptance scenario ------------------------------------------------------------
 
 
 def test_acceptance_offline_deit_pth_to_pipeline(tiny, tmp_path):
