@@ -28,26 +28,28 @@ import errno
 import os
 import stat
 
-__all__ = [
-    "EXIT_BAD_INPUT",
-    "EXIT_BUG",
+__all__ = [  # noqa: RUF022 -- in the order of the docstring's tree, not alphabetical
     "EXIT_OK",
     "EXIT_PARITY",
-    "BadInputError",
-    "CheckpointError",
+    "EXIT_BAD_INPUT",
+    "EXIT_BUG",
+    # the tree, in the docstring's order
     "DeitPortError",
-    "ImageLoadError",
-    "KeyMismatchError",
-    "LabelsError",
-    "MissingExtraError",
+    "BadInputError",
     "OutputError",
-    "ParityError",
-    "ParityFailure",
-    "PreprocessingError",
-    "UnsupportedModelError",
+    "CheckpointError",
+    "LabelsError",
     "WeightsUnavailableError",
-    "few",
+    "KeyMismatchError",
+    "ImageLoadError",
+    "UnsupportedModelError",
+    "MissingExtraError",
+    "ParityFailure",
+    "ParityError",
+    "PreprocessingError",
+    # messages
     "first_line",
+    "few",
     "not_a_regular_file",
 ]
 
