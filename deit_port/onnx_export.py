@@ -61,6 +61,8 @@ BATCH_SIZES = (1, 5)
 _EXTERNAL_DATA = 1536 * 1024 * 1024
 EXTRA = "pip install 'deit-port[onnx]'"
 _MODULES = ("onnx", "onnxscript", "onnx_ir", "onnxruntime")
+# What runs the exported file, and what the folder itself is checked with before the export.
+ONNXRUNTIME, TRANSFORMERS, TIMM = "onnxruntime", "transformers", "timm"
 
 
 def require_onnx() -> None:
@@ -73,10 +75,6 @@ def require_onnx() -> None:
             missing.append(name.replace("_", "-"))
     if missing:
         raise MissingExtraError(f"ONNX export needs {', '.join(missing)}, not installed: {EXTRA}")
-
-
-# What runs the exported file, and what the folder itself is checked with before the export.
-ONNXRUNTIME, TRANSFORMERS, TIMM = "onnxruntime", "transformers", "timm"
 
 
 @dataclass(frozen=True)
