@@ -8,16 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .util import TINY, random_timm_model, run_python
+from .util import TINY, random_timm_model, run_python, state_dict_copy
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return random_timm_model(TINY, seed=3)
-
-
-def _sd(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
 # --- timm's pretrained path, offline; the seed's interface; the acceptance scenario --------
@@ -41,7 +37,7 @@ def _hub_cache_with(tmp_path: Path, repo: str, state_dict: dict) -> Path:
 
 def test_pretrained_from_the_local_hub_cache_offline(tiny, tmp_path):
     """With and without the tag: both resolve to timm/deit_tiny_patch16_224.fb_in1k."""
-    cache = _hub_cache_with(tmp_path, "timm/deit_tiny_patch16_224.fb_in1k", _sd(tiny))
+    cache = _hub_cache_with(tmp_path, "timm/deit_tiny_patch16_224.fb_in1k", state_dict_copy(tiny))
     names = {"untagged": TINY, "tagged": f"{TINY}.fb_in1k"}
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     script = textwrap.dedent(f"""

@@ -1,36 +1,19 @@
 """`--labels`: the label files read, refused, and written into the config."""
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from deit_port import cli
 from deit_port.errors import CheckpointError
 from deit_port.labels import read_labels
 
-from .util import TINY, random_timm_model
+from .util import TINY, random_timm_model, save_checkpoint, state_dict_copy
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return random_timm_model(TINY, seed=3)
-
-
-def _sd(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-
-
-def _save(obj, path: Path, how: str) -> Path:
-    if how == "safetensors":
-        save_file(obj, path)
-    elif how == "torch-zip":
-        torch.save(obj, path)
-    else:
-        torch.save(obj, path, _use_new_zipfile_serialization=False)
-    return path
 
 
 # --- --labels ------------------------------------------------------------------------------
@@ -65,7 +48,7 @@ def test_read_labels_refuses_bad_files(tmp_path, text):
 
 def test_labels_file_names_the_classes(tiny, tmp_path):
     model = random_timm_model(TINY, seed=8, num_classes=3)
-    ckpt = _save(_sd(model), tmp_path / "finetune.safetensors", "safetensors")
+    ckpt = save_checkpoint(state_dict_copy(model), tmp_path / "finetune.safetensors", "safetensors")
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(LABELS) + "\n")
     out = tmp_path / "out"

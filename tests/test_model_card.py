@@ -17,11 +17,12 @@ from deit_port.parity import parity_inputs
 from .util import (
     TINY,
     model_output,
+    random_init_args,
     random_timm_model,
 )
 
 SEED = 5
-RANDOM = ["--init", "random", "--seed", str(SEED)]
+RANDOM = random_init_args(SEED)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import pytest
 from deit_port import cli
 from deit_port.convert import convert_deit_checkpoint
 
-from .util import TINY
+from .util import TINY, random_init_args
 
 SEED = 5
-RANDOM = ["--init", "random", "--seed", str(SEED)]
+RANDOM = random_init_args(SEED)
 
 
 # --- progress ------------------------------------------------------------------------------

@@ -2,15 +2,12 @@
 options."""
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from deit_port.cli import seed_main as convert_main
 
-from .util import TINY, random_timm_model
+from .util import TINY, random_timm_model, save_checkpoint, state_dict_copy
 
 
 @pytest.fixture(scope="module")
@@ -18,22 +15,12 @@ def tiny():
     return random_timm_model(TINY, seed=3)
 
 
-def _sd(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-
-
-def _save(obj, path: Path, how: str) -> Path:
-    if how == "safetensors":
-        save_file(obj, path)
-    elif how == "torch-zip":
-        torch.save(obj, path)
-    else:
-        torch.save(obj, path, _use_new_zipfile_serialization=False)
-    return path
-
-
 def test_seed_interface_takes_the_new_options(tiny, tmp_path):
-    ckpt = _save({"model": _sd(tiny), "model_ema": _sd(tiny)}, tmp_path / "c.pth", "torch-zip")
+    ckpt = save_checkpoint(
+        {"model": state_dict_copy(tiny), "model_ema": state_dict_copy(tiny)},
+        tmp_path / "c.pth",
+        "torch-zip",
+    )
     out = tmp_path / "out"
     code = convert_main(
         [

@@ -19,11 +19,12 @@ from .util import (
     model_output,
     nothing_written,
     one_error_line,
+    random_init_args,
     random_timm_model,
 )
 
 SEED = 5
-RANDOM = ["--init", "random", "--seed", str(SEED)]
+RANDOM = random_init_args(SEED)
 SUMMARY = re.compile(r"max \|diff\| ([^\s,]+), mean \|diff\| ([^\s,]+).*\(atol ([^\s)]+)\)")
 
 

@@ -2,18 +2,17 @@
 index, a config transformers reads."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
 from deit_port.convert import convert_deit_checkpoint
 from deit_port.parity import parity_inputs
 
-from .util import TINY, model_output, random_timm_model
+from .util import TINY, model_output, random_timm_model, save_checkpoint, state_dict_copy
 
 ATOL = 1e-4  # float32 parity measured on these variants (the contract is 1e-3)
 
@@ -23,26 +22,12 @@ def tiny():
     return random_timm_model(TINY, seed=3)
 
 
-def _sd(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-
-
-def _save(obj, path: Path, how: str) -> Path:
-    if how == "safetensors":
-        save_file(obj, path)
-    elif how == "torch-zip":
-        torch.save(obj, path)
-    else:
-        torch.save(obj, path, _use_new_zipfile_serialization=False)
-    return path
-
-
 # --- --dtype and sharding ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("dtype", "st_dtype"), [("float16", "F16"), ("bfloat16", "BF16")])
 def test_dtype_casts_the_written_weights(tiny, tmp_path, dtype, st_dtype, record_property):
-    ckpt = _save(_sd(tiny), tmp_path / "w.safetensors", "safetensors")
+    ckpt = save_checkpoint(state_dict_copy(tiny), tmp_path / "w.safetensors", "safetensors")
     out = tmp_path / "out"
     report = convert_deit_checkpoint(TINY, out, checkpoint=ckpt, dtype=dtype)
     with safe_open(out / "model.safetensors", "pt") as f:
@@ -67,7 +52,7 @@ def test_dtype_casts_the_written_weights(tiny, tmp_path, dtype, st_dtype, record
 
 
 def test_shards_past_max_shard_size_with_a_complete_index(tiny, tmp_path):
-    ckpt = _save(_sd(tiny), tmp_path / "w.safetensors", "safetensors")
+    ckpt = save_checkpoint(state_dict_copy(tiny), tmp_path / "w.safetensors", "safetensors")
     one, many = tmp_path / "one", tmp_path / "many"
     convert_deit_checkpoint(TINY, one, checkpoint=ckpt, verify=False)
     convert_deit_checkpoint(TINY, many, checkpoint=ckpt, max_shard_size="1MB")
@@ -109,7 +94,9 @@ def test_shards_past_max_shard_size_with_a_complete_index(tiny, tmp_path):
 def test_written_config_is_a_transformers_config(tiny, tmp_path):
     folder = tmp_path / "hf"
     convert_deit_checkpoint(
-        TINY, folder, checkpoint=_save(_sd(tiny), tmp_path / "w.pth", "torch-zip")
+        TINY,
+        folder,
+        checkpoint=save_checkpoint(state_dict_copy(tiny), tmp_path / "w.pth", "torch-zip"),
     )
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["ViTForImageClassification"]
