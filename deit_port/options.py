@@ -15,7 +15,13 @@ from PIL import Image
 from .source import WEIGHT_KEYWORDS, WeightSource, weight_source
 from .tolerances import DEFAULT_ATOL, DTYPE_ATOL
 
-__all__ = ["OPTION_KEYWORDS", "CheckOptions", "FolderOptions", "fold_options"]
+__all__ = [
+    "OPTION_KEYWORDS",
+    "VERIFY_KEYWORDS",
+    "CheckOptions",
+    "FolderOptions",
+    "fold_options",
+]
 
 
 @dataclass(frozen=True)
@@ -72,22 +78,27 @@ OPTION_KEYWORDS = (
 )
 
 
+# The loose keywords `verify_hf_folder` takes: the weights' and the check's bound and inputs.
+VERIFY_KEYWORDS = (*WEIGHT_KEYWORDS, "atol", "images", "layers")
+
+
 def fold_options(
     weights: WeightSource | None,
     written: FolderOptions | None,
     check: CheckOptions | None,
     loose: dict[str, Any],
+    keywords: tuple[str, ...] = OPTION_KEYWORDS,
 ) -> tuple[WeightSource, FolderOptions, CheckOptions]:
     """The three values (defaults where None) with the loose keywords applied to each.
 
     Raises:
-        TypeError: a keyword that is not one of `OPTION_KEYWORDS`.
+        TypeError: a keyword that is not one of `keywords` (default `OPTION_KEYWORDS`).
 
     Example:
         >>> fold_options(None, None, None, {"init": "random", "dtype": "float16"})[1].dtype
         'float16'
     """
-    unknown = sorted(set(loose) - set(OPTION_KEYWORDS))
+    unknown = sorted(set(loose) - set(keywords))
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
     if loose.get("images", ()) is None:

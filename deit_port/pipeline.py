@@ -35,7 +35,7 @@ from .arch import ArchSpec, with_head
 from .card import ModelFacts, write_model_card
 from .errors import ParityError, PreprocessingError
 from .hf_config import build_config
-from .options import CheckOptions, FolderOptions, fold_options
+from .options import VERIFY_KEYWORDS, CheckOptions, FolderOptions, fold_options
 from .progress import Steps
 from .source import WeightSource, timm_source
 from .tolerances import DEFAULT_ATOL
@@ -187,7 +187,7 @@ def verify_hf_folder(
         deit_name, weights: the timm model, as for `convert_deit_checkpoint`.
         check: `atol` (default: `DTYPE_ATOL` of the folder's dtype), `images`, `layers`.
         progress: called with `loading`, `verifying`.
-        **loose: keyword-only compatibility, as for `convert_deit_checkpoint`: the weights'
+        **loose: keyword-only compatibility, `options.VERIFY_KEYWORDS`: the weights'
             keywords and `atol`, `images`, `layers`.
 
     Returns:
@@ -202,7 +202,7 @@ def verify_hf_folder(
         >>> verify_hf_folder("deit-tiny-hf", "deit_tiny_patch16_224").passed
         True
     """
-    weights, _, check = fold_options(weights, None, check, loose)
+    weights, _, check = fold_options(weights, None, check, loose, VERIFY_KEYWORDS)
     step = Steps(progress)
     folder = Path(hf_dir)
     folder_config = hf_folder.read_folder_config(folder)
