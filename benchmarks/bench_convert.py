@@ -58,8 +58,8 @@ through a whole conversion); the renamed and split tensors are views of the sour
 safetensors without a copy. DeiT III's layer scale is folded into new tensors (one multiply a
 tensor; folding into the mapped tensors in place made every page a copy-on-write fault, ten
 times slower), the mapped pages the fold read are handed back to the kernel
-(`checkpoint.release_pages`) and the freed heap before the folder is loaded back
-(`checkpoint.release_freed`), so the peak memory stays what the in-place fold held.
+(`memory.release_pages`) and the freed heap before the folder is loaded back
+(`memory.release_freed`), so the peak memory stays what the in-place fold held.
 The NaN/Inf check is one float32 sum per tensor (a finite sum means finite values; a sum that
 overflows is counted exactly). Verification computes timm's outputs first; a mapped checkpoint
 is then converted and written from a new map of its file (`checkpoint.remap_state_dict`: here,

@@ -14,14 +14,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .arch import ArchSpec
 from .hf_config import hf_class_name
+from .onnx_export import OnnxReport
+from .onnx_quantize import QuantizedCheck, onnx_bytes
 from .parity import ParityReport
+from .publish import atomic_file
 from .versions import library_versions
 
-__all__ = ["CARD_FILE", "render_model_card", "with_section", "write_model_card"]
+__all__ = [
+    "CARD_FILE",
+    "ModelFacts",
+    "onnx_section",
+    "render_model_card",
+    "replace_section",
+    "with_section",
+    "write_model_card",
+]
 
 CARD_FILE = "README.md"
 
@@ -67,39 +79,52 @@ def _report_rows(report: ParityReport, dtype_note: str) -> list[tuple[str, str]]
     ]
 
 
-def render_model_card(
-    *,
-    timm_name: str,
-    spec: ArchSpec,
-    source: str,
-    dtype: str,
-    report: ParityReport | None,
-    inputs: str,
-    exact_report: ParityReport | None = None,
-    labels: Sequence[str] | None = None,
-    notes: Sequence[str] = (),
-) -> str:
-    """The text of the model card.
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the card says about the model, known before any check.
 
-    Args:
+    Attributes:
         timm_name: the timm model name converted (with its tag, if any).
         spec: its architecture.
         source: where the weights came from (timm pretrained, a checkpoint file, random).
         dtype: the dtype of the written weights (`float32`, `float16`, `bfloat16`).
+        labels: class names (the first few are listed).
+        notes: what was read from the checkpoint or done to it (`Checkpoint.notes`).
+    """
+
+    timm_name: str
+    spec: ArchSpec
+    source: str
+    dtype: str
+    labels: Sequence[str] | None = None
+    notes: Sequence[str] = ()
+
+
+def render_model_card(
+    facts: ModelFacts,
+    *,
+    report: ParityReport | None,
+    inputs: str,
+    exact_report: ParityReport | None = None,
+) -> str:
+    """The text of the model card.
+
+    Args:
+        facts: the model, its weights, its labels.
         report: the parity check of the written folder (None: not verified).
         inputs: what the parity inputs were, in words.
         exact_report: for a float16/bfloat16 folder, the float32 check of the same conversion.
-        labels: class names (the first few are listed).
-        notes: what was read from the checkpoint or done to it (`Checkpoint.notes`).
 
     Returns:
         Markdown with YAML front matter.
 
     Example:
-        >>> render_model_card(timm_name="deit_tiny_patch16_224", spec=spec, source="timm",
-        ...                   dtype="float32", report=report, inputs="4 tensors").startswith("---")
+        >>> facts = ModelFacts("deit_tiny_patch16_224", spec, "timm", "float32")
+        >>> render_model_card(facts, report=report, inputs="4 tensors").startswith("---")
         True
     """
+    timm_name, spec, source, dtype = facts.timm_name, facts.spec, facts.source, facts.dtype
+    labels, notes = facts.labels, facts.notes
     pipeline_tag = "image-classification" if spec.num_classes else "image-feature-extraction"
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     lines = [
@@ -218,10 +243,10 @@ def _parity(
     return lines
 
 
-def write_model_card(folder: str | os.PathLike, **kwargs) -> Path:
+def write_model_card(folder: str | os.PathLike, facts: ModelFacts, **kwargs) -> Path:
     """Write `README.md` into `folder` (keywords as `render_model_card`); returns its path."""
     path = Path(folder) / CARD_FILE
-    path.write_text(render_model_card(**kwargs), encoding="utf-8")
+    path.write_text(render_model_card(facts, **kwargs), encoding="utf-8")
     return path
 
 
@@ -240,3 +265,78 @@ def with_section(card: str, name: str, body: str) -> str:
     if found and end in rest:
         return before + block + rest.split(end, 1)[1]
     return (card.rstrip("\n") + "\n\n" if card.strip() else "") + block + "\n"
+
+
+def replace_section(folder: str | os.PathLike, name: str, body: str) -> None:
+    """Give the model card in `folder` the section `name` (`with_section`), rewritten
+    atomically; a folder without a card gets one holding that section alone."""
+    card = Path(folder) / CARD_FILE
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    with atomic_file(card, overwrite=True) as tmp:
+        tmp.write_text(with_section(text, name, body), encoding="utf-8")
+
+
+def onnx_section(folder: Path, fp32: OnnxReport, q: QuantizedCheck | None) -> str:
+    """The model card's ONNX section (`export_onnx_folder`'s): the files in `folder`, what each
+    was compared with, the figures."""
+    ort = fp32.runtime_checks
+    refs = " and ".join(dict.fromkeys(c.reference for c in ort))
+    worst = max(ort, key=lambda c: c.report.max_abs_diff).report
+    batches = " and ".join(str(b) for b in dict.fromkeys(c.batch for c in ort))
+    model_file, where = fp32.output.name, folder.name
+    files = (
+        f"`{where}/{model_file}` (float32, "
+        f"{onnx_bytes(fp32.output) / 1e6:.1f} MB, opset {fp32.opset}, input "
+        f"`pixel_values` with a dynamic batch, output `{fp32.output_name}`)"
+    )
+    if q is not None:
+        files += (
+            f" and `{where}/{q.output.name}` (int8: onnxruntime's dynamic quantization, "
+            f"{q.weight_type} weights, {q.size_bytes / 1e6:.1f} MB)"
+        )
+    fp32_row = (
+        f"| {model_file} | {refs} (onnxruntime, batches of {batches}) | {max(c.batch for c in ort)} | "
+        f"{worst.max_abs_diff:.3g} (atol {worst.atol:g}) | {worst.mean_abs_diff:.3g} | "
+        f"{_percent(worst.top1_agreement)} |"
+    )
+    lines = [
+        "## ONNX (transformers.js, onnxruntime)",
+        "",
+        (
+            f"Written by `deit-port export-onnx`: {files}. transformers.js reads them from this "
+            "folder: `dtype: 'fp32'` the first, `dtype: 'q8'` (its default in the browser) the second."
+        ),
+        "",
+        "| file | compared with | inputs | max abs diff | mean abs diff | top-1 agreement |",
+        "|---|---|---|---|---|---|",
+        fp32_row,
+    ]
+    if q is not None:
+        lines += [
+            (
+                f"| {q.output.name} | {q.reference} (onnxruntime) | {q.inputs} | "
+                f"{q.max_abs_diff:.3g} | {q.mean_abs_diff:.3g} | {_percent(q.top1_agreement)} |"
+            ),
+            "",
+            (
+                "The int8 file is compared on a synthetic image (and the images given with "
+                "`--image`) through this folder's image processor, then N(0, 1) tensors: int8 "
+                "weights change the logits by design, so these figures are a measurement, not a "
+                "parity bound."
+            ),
+        ]
+    lines += [
+        "",
+        "```js",
+        "import { env, pipeline } from '@huggingface/transformers';",
+        "env.allowRemoteModels = false;",
+        "env.localModelPath = '/path/to/the/parent/folder/';",
+        "const classify = await pipeline('image-classification', 'this-folder', { dtype: 'fp32' });",
+        "console.log(await classify('image.png'));",
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a (hidden states)" if value is None else f"{value:.1%}"

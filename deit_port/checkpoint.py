@@ -1,14 +1,6 @@
 """Reading a user's checkpoint file safely into a timm-named state dict.
 
-A checkpoint's format is read off its first bytes, never its extension:
-
-- safetensors: an 8-byte little-endian header length, then a JSON header starting with `{`;
-  checked against the file's size, then read by `safetensors.torch.load_file`;
-- a `torch.save` zip (`PK\\x03\\x04`) or legacy pickle (`\\x80` protocol byte): read by
-  `torch.load(weights_only=True)`, with `argparse.Namespace` allowed as timm does for the `args`
-  of training checkpoints. A pickle that needs any other global is refused, the global named;
-  there is no fallback to unsafe loading, so a pickle's code never runs.
-
+A checkpoint's format is read off its first bytes, never its extension (`checkpoint_format`).
 Then the weights are unwrapped (`model` as facebookresearch/deit saves them, `state_dict`,
 the EMA entries `state_dict_ema`/`model_ema` chosen with `ema`), cleaned of `module.` and
 `_orig_mod.` prefixes (timm's `clean_state_dict`), and checked: tensors only, finite values.
@@ -24,25 +16,22 @@ Building a timm model from it is `deit_port.source`'s job. Every problem is a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import pickle
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, first_line, not_a_regular_file
+from .checkpoint_format import CheckpointFormat, detect_format, read_file
+from .errors import CheckpointError
 
 __all__ = [
     "EMA_ENTRIES",
     "WEIGHT_ENTRIES",
     "Checkpoint",
-    "detect_format",
     "read_checkpoint",
     "remap_state_dict",
 ]
@@ -54,18 +43,8 @@ logger = logging.getLogger(__name__)
 EMA_ENTRIES = ("state_dict_ema", "model_ema")
 WEIGHT_ENTRIES = ("state_dict", "model")
 
-_FORMAT_NAMES = {
-    "safetensors": "safetensors",
-    "torch-zip": "torch zip",
-    "torch-pickle": "torch legacy pickle",
-}
-_EXTENSIONS = {
-    "safetensors": {".safetensors"},
-    "torch-zip": {".pth", ".pt", ".bin", ".ckpt", ".tar"},
-    "torch-pickle": {".pth", ".pt", ".bin", ".ckpt", ".pkl"},
-}
+
 _GAMMA = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 @dataclass(frozen=True)
@@ -74,7 +53,7 @@ class Checkpoint:
 
     Attributes:
         path: the file.
-        format: `safetensors`, `torch-zip` or `torch-pickle` (from the file's bytes).
+        format: its `CheckpointFormat` (from the file's bytes).
         entry: the top-level entry the weights came from (`model`, `state_dict_ema`, ...), or
             None when the file is the state dict itself.
         ema: whether those are EMA weights.
@@ -88,7 +67,7 @@ class Checkpoint:
     """
 
     path: Path
-    format: str
+    format: CheckpointFormat
     entry: str | None
     ema: bool
     state_dict: dict[str, torch.Tensor] = field(repr=False)
@@ -100,48 +79,7 @@ class Checkpoint:
         """One line for logs and the model card, e.g. `entry 'model_ema' (EMA) of x.pth (torch zip)`."""
         what = "the state dict" if self.entry is None else f"entry {self.entry!r}"
         ema = " (EMA)" if self.ema else ""
-        return f"{what}{ema} of {self.path.name} ({_FORMAT_NAMES[self.format]})"
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """The format of a checkpoint file, from its first bytes (the extension is not looked at).
-
-    Returns:
-        `safetensors`, `torch-zip` or `torch-pickle`.
-
-    Raises:
-        CheckpointError: missing, not a regular file (a folder, a FIFO, a device, a socket:
-            never opened, so never waited on), empty, or none of those formats.
-
-    Example:
-        >>> detect_format("model.safetensors")
-        'safetensors'
-    """
-    path = Path(path)
-    what = not_a_regular_file(path)
-    if what:
-        raise CheckpointError(f"checkpoint {path} is {what}: give the path of a checkpoint file")
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from e
-    if size == 0:
-        raise CheckpointError(
-            f"checkpoint {path} is empty (0 bytes): the save or download did not complete; "
-            "get the file again"
-        )
-    if head.startswith(b"PK\x03\x04"):
-        return "torch-zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "torch-pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    raise CheckpointError(
-        f"checkpoint {path} is not safetensors nor a torch.save file (first bytes {head[:8]!r}): "
-        "save the weights with safetensors.torch.save_file or torch.save(model.state_dict())"
-    )
+        return f"{what}{ema} of {self.path.name} ({self.format.words})"
 
 
 def read_checkpoint(path: str | os.PathLike, ema: bool | None = None) -> Checkpoint:
@@ -164,17 +102,12 @@ def read_checkpoint(path: str | os.PathLike, ema: bool | None = None) -> Checkpo
     """
     path = Path(path)
     fmt = detect_format(path)
-    expected = _EXTENSIONS[fmt]
-    if path.suffix.lower() not in expected and path.suffix:
+    if path.suffix.lower() not in fmt.extensions and path.suffix:
         logger.warning(
-            "%s is named %s but holds %s; reading it as %s",
-            path,
-            path.suffix,
-            _FORMAT_NAMES[fmt],
-            _FORMAT_NAMES[fmt],
+            "%s is named %s but holds %s; reading it as %s", path, path.suffix, fmt.words, fmt.words
         )
-    logger.info("reading %s (%s)", path, _FORMAT_NAMES[fmt])
-    obj = _read_safetensors(path) if fmt == "safetensors" else _read_torch(path, fmt)
+    logger.info("reading %s (%s)", path, fmt.words)
+    obj = read_file(path, fmt)
     entry, is_ema, state_dict, ignored = _unwrap(obj, path, ema)
     state_dict = _clean(state_dict, path, entry)
     args = obj.get("args") if entry is not None else None
@@ -205,122 +138,17 @@ def remap_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor] | None:
     Raises:
         CheckpointError: the file no longer holds those tensors (changed while converting).
     """
-    mapped = ckpt.format == "safetensors" or (
-        ckpt.format == "torch-zip" and ckpt.path.suffix != ".safetensors"
-    )
     floats = (v.dtype for v in ckpt.state_dict.values() if v.is_floating_point())
-    if not mapped or any(dtype != torch.float32 for dtype in floats):
+    if not ckpt.format.memory_mapped(ckpt.path) or any(dtype != torch.float32 for dtype in floats):
         return None
     path = ckpt.path
-    obj = (
-        _read_safetensors(path) if ckpt.format == "safetensors" else _read_torch(path, ckpt.format)
-    )
+    obj = read_file(path, ckpt.format)
     entry, _, state_dict, _ = _unwrap(obj, path, ckpt.ema)
     again = _renamed(state_dict, path, entry)
     checked = {k: (v.shape, v.dtype) for k, v in ckpt.state_dict.items()}
     if entry != ckpt.entry or {k: (v.shape, v.dtype) for k, v in again.items()} != checked:
         raise CheckpointError(f"{path} changed while it was being converted; convert it again")
     return again
-
-
-def _failure(e: BaseException) -> str:
-    """`first_line` of a reader's error, after the exception's type where the message alone
-    says little (a KeyError's message is the missing key: `KeyError: 6`)."""
-    line = first_line(e, sentence=True)
-    if isinstance(e, (OSError, RuntimeError, ValueError, pickle.UnpicklingError)):
-        return line
-    return f"{type(e).__name__}: {line}"
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Check the header against the file's size (safetensors' own errors do not tell a
-    truncated file from trailing data), then read it with `safetensors.torch.load_file`."""
-    from safetensors.torch import load_file
-
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            raise CheckpointError(
-                f"safetensors file {path} claims a {n}-byte header but holds {size - 8} bytes "
-                "after its length field: the file is truncated or corrupt; get it again"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise CheckpointError(
-            f"safetensors file {path} has a corrupt header ({first_line(e, sentence=True)}): get the file again"
-        ) from e
-    expected = 8 + n + max(ends, default=0)
-    if size < expected:
-        raise CheckpointError(
-            f"safetensors file {path} is truncated: its header describes {expected} bytes, the "
-            f"file has {size}; get the file again"
-        )
-    if size > expected:
-        raise CheckpointError(
-            f"safetensors file {path} has {size - expected} bytes of trailing data after its "
-            "last tensor: the file is corrupt or was appended to; get or save it again"
-        )
-    try:
-        return load_file(path, device="cpu")
-    except MemoryError:
-        raise
-    except Exception as e:  # SafetensorError, or whatever else damaged bytes make it raise
-        raise CheckpointError(f"safetensors file {path} cannot be read: {_failure(e)}") from e
-
-
-def _read_torch(path: Path, fmt: str):
-    """`torch.load(weights_only=True)`; a blocked global is named, never loaded unsafely."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            if fmt == "torch-zip" and path.suffix != ".safetensors":
-                # memory-mapped: tensors are read from the file as they are used, not copied
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            # an open file, not the path: torch.load picks safetensors by a path's extension
-            with path.open("rb") as f:
-                return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        names = _blocked_globals(path, fmt, e)
-        if names:
-            raise CheckpointError(
-                f"refusing {path}: unpickling it needs {', '.join(names)}, which torch's "
-                "weights-only loading does not allow (a pickle can run code) and deit_port never "
-                "loads unsafely; if you trust the file, re-save its state dict with "
-                "safetensors.torch.save_file and convert that"
-            ) from e
-        raise CheckpointError(
-            f"{path} cannot be unpickled ({first_line(e, sentence=True)}): the file is truncated or corrupt; "
-            "get or save it again"
-        ) from e
-    except EOFError as e:
-        raise CheckpointError(
-            f"{path} ends too early: the file is truncated; get or save it again"
-        ) from e
-    except MemoryError:  # not the file's fault (or not knowably): not reported as bad input
-        raise
-    except Exception as e:
-        # torch's readers fail on damaged bytes with whatever the bytes lead them to: KeyError
-        # (a memo index), IndexError, struct.error, TypeError, AssertionError, RuntimeError...
-        # Only `torch.load` is in this `try`: an error of ours is not caught here.
-        raise CheckpointError(
-            f"{path} cannot be read as a {_FORMAT_NAMES[fmt]} file ({_failure(e)}): the file is "
-            "truncated or corrupt; get or save it again"
-        ) from e
-
-
-def _blocked_globals(path: Path, fmt: str, error: Exception) -> list[str]:
-    names: list[str] = []
-    if fmt == "torch-zip":
-        try:
-            with path.open("rb") as f:
-                names = list(torch.serialization.get_unsafe_globals_in_checkpoint(f))
-        except Exception:  # noqa: BLE001 -- a damaged archive: the name in torch's message
-            names = []
-    names = [n for n in names if n != "argparse.Namespace"]
-    return sorted(set(names)) or _GLOBAL.findall(str(error))[:1]
 
 
 def _unwrap(obj, path: Path, ema: bool | None):

@@ -1,8 +1,9 @@
 """Convert timm DeiT models to transformers: the importable API, in one place.
 
-What a user calls is here (`__all__`); each name lives in the module of its job: the
-architecture (`arch`), the key mapping (`mapping`), the config (`hf_config`), the pipeline that
-writes a checked folder (`pipeline`), parity (`parity`), tolerances (`tolerances`), errors
+What a user calls is here (`__all__`, which `deit_port` exports too); each name lives in the
+module of its job: the architecture (`arch`), the key mapping (`mapping`), the config
+(`hf_config`), where the weights come from (`source`), the pipeline that writes a checked
+folder and its options (`pipeline`), parity (`parity`), tolerances (`tolerances`), errors
 (`errors`).
 
     >>> from deit_port.convert import ArchSpec, timm_to_hf, convert_timm_model
@@ -42,15 +43,24 @@ from .mapping import (
     timm_to_hf,
 )
 from .parity import check_parity
-from .pipeline import convert_deit_checkpoint, convert_timm_model, verify_hf_folder
+from .pipeline import (
+    CheckOptions,
+    FolderOptions,
+    convert_deit_checkpoint,
+    convert_timm_model,
+    verify_hf_folder,
+)
+from .source import WeightSource
 from .tolerances import DTYPE_ATOL
 
 __all__ = [
     "DTYPE_ATOL",
     "ArchSpec",
     "BadInputError",
+    "CheckOptions",
     "CheckpointError",
     "DeitPortError",
+    "FolderOptions",
     "ImageLoadError",
     "KeyMismatchError",
     "MissingExtraError",
@@ -59,6 +69,7 @@ __all__ = [
     "ParityFailure",
     "PreprocessingError",
     "UnsupportedModelError",
+    "WeightSource",
     "WeightsUnavailableError",
     "build_config",
     "check_parity",

@@ -1,22 +1,23 @@
-"""Every error deit_port raises on purpose, in one tree; each class knows its exit code.
+"""Every error deit_port raises on purpose, in one tree; each class knows its exit code
+(`exit_code`, one of the `EXIT_*` below; what each means to a user: README.md, "Exit codes").
 
-    DeitPortError                   exit_code: how the CLI reports it
-    +-- BadInputError (ValueError)  2: the input cannot be used as given; nothing was written
+    DeitPortError
+    +-- BadInputError (ValueError)  the input cannot be used as given (`EXIT_BAD_INPUT`)
     |   +-- OutputError             the output path cannot be (re)written as asked
     |   +-- CheckpointError         a checkpoint (or labels file) is unreadable or does not fit
-    |   +-- LabelsError             a labels file (also a CheckpointError, as before)
+    |   +-- LabelsError             a labels file (read as a checkpoint's, so a CheckpointError)
     |   +-- WeightsUnavailableError timm's pretrained weights cannot be had
     |   +-- KeyMismatchError        a state dict's keys are not the architecture's (KeyError too)
     |   +-- ImageLoadError          an image cannot be read, fetched or decoded
     |   +-- UnsupportedModelError   the model cannot be expressed in transformers (TypeError too)
     |   +-- MissingExtraError       an optional stack (ONNX) is not installed
     |   +-- MemoryShortError        the step needs more memory than the process may use
-    +-- ParityFailure               1: the two models (or preprocessings) differ; nothing written
+    +-- ParityFailure               the two models (or preprocessings) differ (`EXIT_PARITY`)
         +-- ParityError             logits or hidden states (`deit_port.parity`)
         +-- PreprocessingError      the image processor (`deit_port.preprocess`)
 
 Anything else escaping deit_port is a bug in deit_port: the CLI keeps its traceback and exits
-with `EXIT_BUG` (3).
+with `EXIT_BUG`.
 
 The message of every error is one line that says what is wrong and what to do
 (`first_line` makes one of a library's multi-line message).
@@ -28,27 +29,29 @@ import errno
 import os
 import stat
 
-__all__ = [
-    "EXIT_BAD_INPUT",
-    "EXIT_BUG",
+__all__ = [  # noqa: RUF022 -- in the order of the docstring's tree, not alphabetical
     "EXIT_OK",
     "EXIT_PARITY",
-    "BadInputError",
-    "CheckpointError",
+    "EXIT_BAD_INPUT",
+    "EXIT_BUG",
+    # the tree, in the docstring's order
     "DeitPortError",
-    "ImageLoadError",
-    "KeyMismatchError",
-    "LabelsError",
-    "MemoryShortError",
-    "MissingExtraError",
+    "BadInputError",
     "OutputError",
-    "ParityError",
-    "ParityFailure",
-    "PreprocessingError",
-    "UnsupportedModelError",
+    "CheckpointError",
+    "LabelsError",
     "WeightsUnavailableError",
-    "few",
+    "KeyMismatchError",
+    "ImageLoadError",
+    "UnsupportedModelError",
+    "MissingExtraError",
+    "MemoryShortError",
+    "ParityFailure",
+    "ParityError",
+    "PreprocessingError",
+    # messages
     "first_line",
+    "few",
     "not_a_regular_file",
 ]
 
@@ -129,7 +132,8 @@ class CheckpointError(BadInputError):
 
 
 class LabelsError(CheckpointError):
-    """A labels file cannot be used (a `CheckpointError` too, as it always was)."""
+    """A labels file cannot be used. A `CheckpointError` too: labels come with a checkpoint,
+    and `except CheckpointError` catches a bad one of either."""
 
 
 class WeightsUnavailableError(BadInputError):

@@ -22,20 +22,24 @@ import torch
 from .arch import ArchSpec
 from .errors import BadInputError, KeyMismatchError
 
-__all__ = [
-    "check_state_dict",
-    "create_rename_keys",
-    "hf_prefix",
-    "hf_shapes",
-    "hf_to_timm",
-    "merge_qkv",
+__all__ = [  # noqa: RUF022 -- grouped by what the names do, not alphabetical
+    # the mapping as data
+    "rename_pairs",
     "qkv_pairs",
+    "hf_prefix",
+    # applying it, both directions
+    "timm_to_hf",
+    "hf_to_timm",
+    "split_qkv",
+    "merge_qkv",
+    # checking a state dict against it
+    "check_state_dict",
+    "timm_shapes",
+    "hf_shapes",
+    # the names of transformers' conversion script
+    "create_rename_keys",
     "read_in_q_k_v",
     "rename_key",
-    "rename_pairs",
-    "split_qkv",
-    "timm_shapes",
-    "timm_to_hf",
 ]
 
 StateDict = dict[str, torch.Tensor]

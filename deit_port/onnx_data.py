@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from . import io
+from .publish import atomic_file
 
 __all__ = [
     "JS_CONFIG_KEY",
@@ -79,5 +79,5 @@ def record_external_data(hf_dir: Path, files: dict[str, int]) -> None:
         config[JS_CONFIG_KEY] = js
     else:
         config.pop(JS_CONFIG_KEY, None)
-    with io.atomic_file(path, overwrite=True) as tmp:
+    with atomic_file(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -3,16 +3,17 @@ check of an existing folder against timm.
 
 `convert_deit_checkpoint` is a list of steps, each done by the module that owns it:
 
-1. the output path is checked (`io`), before any work;
+1. the output path is checked (`output`), before any work;
 2. the timm model and its weights are had (`source`: pretrained, seeded random or a checkpoint);
 3. timm's outputs on the parity batch are computed (`parity`), so the timm model can be freed
    before the written folder is loaded back;
 4. the state dict is mapped (`mapping`), cast to the written dtype where asked;
-5. the folder is written beside its final name (`io`, `preprocess`), loaded back with
+5. the folder is written beside its final name (`publish`, `hf_folder`, `preprocess`), loaded back with
    `from_pretrained` and compared with timm's outputs (`parity`, `preprocess`), given its
    model card (`card`) and only then moved into place.
 
-    >>> report = convert_deit_checkpoint("deit_tiny_patch16_224", "out", init="random")
+    >>> report = convert_deit_checkpoint("deit_tiny_patch16_224", "out", WeightSource(init="random"))
+    >>> convert_deit_checkpoint("deit_small_patch16_224", "out", WeightSource(checkpoint="c.pth"))
     >>> report.passed
     True
 """
@@ -23,22 +24,23 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
 from torch import nn
 
-from . import io, mapping, memory, parity, preprocess
+from . import hf_folder, mapping, memory, output, parity, preprocess, publish
 from .arch import ArchSpec, with_head
-from .card import write_model_card
+from .card import ModelFacts, write_model_card
 from .errors import ParityError, PreprocessingError
 from .headroom import check_convert
 from .hf_config import build_config
+from .options import VERIFY_KEYWORDS, CheckOptions, FolderOptions, fold_options
 from .progress import Steps
 from .shapes import AUTO
-from .source import timm_source
-from .tolerances import DEFAULT_ATOL, DTYPE_ATOL
+from .source import WeightSource, timm_source
+from .tolerances import DEFAULT_ATOL
 
 __all__ = [
     "STEPS",
@@ -72,154 +74,112 @@ def convert_timm_model(
     """
     spec = with_head(ArchSpec.from_timm(model), head)
     state_dict = mapping.timm_to_hf(model.state_dict(), spec)
-    return io.load_hf_state_dict(state_dict, build_config(spec, labels), spec)
+    return hf_folder.load_hf_state_dict(state_dict, build_config(spec, labels), spec)
 
 
 def convert_deit_checkpoint(
     deit_name: str,
     pytorch_dump_folder_path: str | os.PathLike,
+    weights: WeightSource | None = None,
     *,
-    init: str = "pretrained",
-    seed: int = 0,
-    model_kwargs: dict | None = None,
-    labels: Sequence[str] | None = None,
-    max_shard_size: int | str = "5GB",
+    written: FolderOptions | None = None,
+    check: CheckOptions | None = None,
     overwrite: bool = False,
-    verify: bool = True,
-    atol: float | None = None,
-    images: Sequence[Image.Image] | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    ema: bool | None = None,
-    dtype: str = "float32",
-    head: str | None = None,
     progress: Callable[[str], None] | None = None,
-    layers: bool = False,
+    **loose: Any,
 ) -> parity.ParityReport | None:
-    """Convert the timm model `deit_name` and write a transformers folder, parity checked.
-
-    The folder (config, safetensors weights, image processor, model card `README.md`) is built
-    beside `pytorch_dump_folder_path` and moved into place only after the written folder,
-    loaded back with `from_pretrained`, matched the timm model.
+    """Convert the timm model `deit_name` and write a transformers folder, built beside its
+    final name and moved there only after it matched timm, loaded back.
 
     Args:
-        deit_name: a timm model name (tags and legacy `vit_deit_*` names accepted); `auto`
-            with `checkpoint`: the registered DeiT its tensors fit.
-        pytorch_dump_folder_path: the output folder; must be absent or empty unless `overwrite`.
-        init, seed, model_kwargs, checkpoint, ema: the timm model and its weights
-            (`source.timm_source`): timm's pretrained weights, seeded random ones, or a
-            checkpoint file (`model_kwargs` go to `timm.create_model`).
-        labels: class names.
-        max_shard_size: safetensors shard size.
-        overwrite: replace an existing folder.
-        verify: run the parity check (else return None).
-        atol: the parity contract (default: `DTYPE_ATOL[dtype]`).
-        images: more images for the parity batch (any mode; added to the synthetic one). The
-            written `preprocessor_config.json` is also checked against timm's transform on them.
-        dtype: `float32`, `float16` or `bfloat16`: the written weights. For the other two the
-            conversion is checked in float32 first, then the written folder at `DTYPE_ATOL`.
-        head: for a distilled model, `teacher` (default): both heads, averaged, as timm's eval
-            forward (`DeiTForImageClassificationWithTeacher`, for inference); or `cls`: the
-            class-token head only (`DeiTForImageClassification`, which transformers trains
-            with `labels`), checked against `model.head(model.forward_features(x)[:, 0])`.
-            A model without distillation head has only the class-token head: `cls` changes
-            nothing there and `teacher` is an error, as is either without a classifier.
-        progress: called with the name of each step as it starts (`STEPS`); their times are
-            logged at INFO (`time per step: ...`).
-        layers: compare every stage too (`check_parity(..., layers=True)`): the report's
-            `table()` and, on failure, `first_divergence` say where the models part.
+        deit_name: a timm model name; `auto` with a checkpoint: the DeiT its tensors fit.
+        pytorch_dump_folder_path: the output folder; absent or empty unless `overwrite`.
+        weights, written, check: where the weights come from (default: timm's pretrained
+            ones); labels, dtype, head, shard size; the parity check (`options`).
+        progress: called with each step's name as it starts (`STEPS`).
+        **loose: keyword-only compatibility: the three values' fields (`OPTION_KEYWORDS`).
 
     Returns:
-        The `ParityReport` of the written folder (None without `verify`).
+        The `ParityReport` of the written folder (None without `check.verify`).
 
     Raises:
-        ParityError: the check failed; nothing was written.
-        PreprocessingError: the written image processor does not reproduce timm's eval
-            transform (`compare_preprocessing`); nothing was written.
-        BadInputError (OutputError, CheckpointError, WeightsUnavailableError, ...): bad input;
-            nothing was written.
-
-    Example:
-        >>> convert_deit_checkpoint("deit_small_patch16_224", "out", checkpoint="ckpt.pth", ema=False)
+        ParityError, PreprocessingError, BadInputError: nothing is written then.
     """
-    step = Steps(progress)
-    dtype_name, cast = io.resolve_dtype(dtype)
-    atol = DTYPE_ATOL[dtype_name] if atol is None else atol
-    protect = () if checkpoint is None else (checkpoint,)
-    io.check_output_dir(pytorch_dump_folder_path, overwrite, protect)
-    if deit_name != AUTO:  # issue 27: memory checked before the weights, like the disk
-        check_convert(deit_name, model_kwargs, verify=verify, dtype=dtype_name)
-
+    weights, written, check = fold_options(weights, written, check, loose)
+    step, protect = Steps(progress), _protected(weights)
+    dtype_name, _ = hf_folder.resolve_dtype(written.dtype)
+    output.check_output_dir(pytorch_dump_folder_path, overwrite, protect)
+    if deit_name != AUTO:  # before the weights, like the disk: the memory this path needs
+        check_convert(deit_name, dict(weights.model_kwargs), verify=check.verify, dtype=dtype_name)
     step("loading")
-    source = timm_source(
-        deit_name, init=init, seed=seed, model_kwargs=model_kwargs, checkpoint=checkpoint, ema=ema
-    )
-    timm_model = source.model
-    card = {"timm_name": source.name, "source": source.weights, "notes": source.notes}
-    spec = with_head(ArchSpec.from_timm(timm_model), head)
-    config = build_config(spec, labels)
-    batch = [parity.synthetic_image(0), *(images or [])]
-    reference = None
-    if verify:
-        step("timm outputs")
-        reference = _timm_reference(timm_model, spec, batch, layers)
-
+    timm_model, spec, config, card, mapped = _load(deit_name, weights, written, dtype_name)
+    batch = [parity.synthetic_image(0), *check.images]
+    reference = _timm_reference(timm_model, spec, batch, check, step)
     step("converting")
-    weights = source.mapped_again()
-    del source  # its checkpoint's tensors are the timm model's, freed below when not needed
-    state_dict = _hf_state_dict(timm_model, weights, spec)
-    del weights
-    exact = None
-    if cast is not torch.float32:
-        if reference is not None:
-            step("verifying in float32")
-            exact = _check_before_cast(state_dict, config, spec, reference, dtype_name)
-        state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
-        setattr(config, io.dtype_key(), dtype_name)
-
-    report = None
-    nbytes, files = io.hf_folder_size(state_dict, max_shard_size)
-    files += 2  # the image processor's config and the model card
-    with io.atomic_folder(
-        pytorch_dump_folder_path, overwrite=overwrite, protect=protect, size=nbytes, files=files
-    ) as tmp:
+    state_dict = _hf_state_dict(timm_model, mapped, spec)
+    del mapped
+    state_dict, exact = _cast(state_dict, config, spec, reference, dtype_name, step)
+    report, (nbytes, files) = None, hf_folder.hf_folder_size(state_dict, written.max_shard_size)
+    with publish.atomic_folder(
+        pytorch_dump_folder_path, overwrite, protect, size=nbytes, files=files + 2
+    ) as tmp:  # + 2: the image processor's config and the model card
         step("writing")
-        logger.info("writing %s", pytorch_dump_folder_path)
-        io.save_hf_folder(tmp, state_dict, config, max_shard_size=max_shard_size)
+        hf_folder.save_hf_folder(tmp, state_dict, config, max_shard_size=written.max_shard_size)
         preprocess.save_preprocessor(tmp, timm_model)
         if reference is not None:
             step("verifying")
             _check_preprocessing(tmp, timm_model, batch)
             del timm_model, state_dict
             memory.release_freed()  # the folded tensors' memory, before the folder is loaded
-            report = _check_written(tmp, spec, reference, atol)
+            report = _check_written(tmp, spec, reference, check.atol_for(dtype_name))
         step("model card")
-        write_model_card(
-            tmp,
-            **card,
-            spec=spec,
-            dtype=dtype_name,
-            report=report,
-            inputs=_describe_inputs(len(batch), 0 if reference is None else len(reference.inputs)),
-            exact_report=exact,
-            labels=[config.id2label[i] for i in range(spec.num_classes)],
-        )
+        inputs = _describe_inputs(len(batch), 0 if reference is None else len(reference.inputs))
+        write_model_card(tmp, card, report=report, inputs=inputs, exact_report=exact)
     logger.info("time per step: %s", step.summary())
     return report
+
+
+def _protected(weights: WeightSource) -> tuple:
+    """The files the output must not overwrite: the checkpoint being converted."""
+    return () if weights.checkpoint is None else (weights.checkpoint,)
+
+
+def _load(deit_name: str, weights: WeightSource, written: FolderOptions, dtype_name: str):
+    """`(timm model, spec, config, the model card's facts, the checkpoint mapped afresh)`.
+
+    The checkpoint is mapped again here (`mapped_again`: writing from pages nothing has read
+    is faster) and its `TimmSource` let go: its tensors are the timm model's, freed with it."""
+    source = timm_source(deit_name, weights)
+    spec = with_head(ArchSpec.from_timm(source.model), written.head)
+    config = build_config(spec, written.labels)
+    labels = [config.id2label[i] for i in range(spec.num_classes)]
+    card = ModelFacts(source.name, spec, source.weights, dtype_name, labels, source.notes)
+    return source.model, spec, config, card, source.mapped_again()
+
+
+def _cast(state_dict, config, spec, reference, dtype_name: str, step: Steps):
+    """The state dict in the written dtype, and (for a cast that a check follows) the report of
+    the conversion checked in float32 before it, else None. The config records the dtype."""
+    _, cast = hf_folder.resolve_dtype(dtype_name)
+    if cast is torch.float32:
+        return state_dict, None
+    exact = None
+    if reference is not None:
+        step("verifying in float32")
+        exact = _check_before_cast(state_dict, config, spec, reference, dtype_name)
+    state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
+    setattr(config, hf_folder.dtype_key(), dtype_name)
+    return state_dict, exact
 
 
 def verify_hf_folder(
     hf_dir: str | os.PathLike,
     deit_name: str,
+    weights: WeightSource | None = None,
     *,
-    init: str = "pretrained",
-    seed: int = 0,
-    model_kwargs: dict | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    ema: bool | None = None,
-    atol: float | None = None,
-    images: Sequence[Image.Image] | None = None,
+    check: CheckOptions | None = None,
     progress: Callable[[str], None] | None = None,
-    layers: bool = False,
+    **loose: Any,
 ) -> parity.ParityReport:
     """Check an existing transformers folder (ours or the hub's) against a timm model.
 
@@ -228,12 +188,11 @@ def verify_hf_folder(
 
     Args:
         hf_dir: the transformers folder (local).
-        deit_name, init, seed, model_kwargs, checkpoint, ema: the timm model, as for
-            `convert_deit_checkpoint`.
-        atol: the tolerance (default: `DTYPE_ATOL` of the folder's dtype).
-        images: more images for the parity batch.
+        deit_name, weights: the timm model, as for `convert_deit_checkpoint`.
+        check: `atol` (default: `DTYPE_ATOL` of the folder's dtype), `images`, `layers`.
         progress: called with `loading`, `verifying`.
-        layers: compare every stage too (`check_parity(..., layers=True)`).
+        **loose: keyword-only compatibility, `options.VERIFY_KEYWORDS`: the weights'
+            keywords and `atol`, `images`, `layers`.
 
     Returns:
         The `ParityReport`; `passed` says whether it matched.
@@ -247,23 +206,26 @@ def verify_hf_folder(
         >>> verify_hf_folder("deit-tiny-hf", "deit_tiny_patch16_224").passed
         True
     """
+    weights, _, check = fold_options(weights, None, check, loose, VERIFY_KEYWORDS)
     step = Steps(progress)
     folder = Path(hf_dir)
-    folder_config = io.read_folder_config(folder)
+    folder_config = hf_folder.read_folder_config(folder)
     step("loading")
-    timm_model = timm_source(
-        deit_name, init=init, seed=seed, model_kwargs=model_kwargs, checkpoint=checkpoint, ema=ema
-    ).model
+    timm_model = timm_source(deit_name, weights).model
     spec = ArchSpec.from_timm(timm_model)
     if spec.distilled and folder_config.get("architectures") == ["DeiTForImageClassification"]:
         spec = with_head(spec, "cls")  # a `--head cls` folder
-    if atol is None:
-        atol = DTYPE_ATOL.get(io.folder_dtype(folder_config), DEFAULT_ATOL)
+    atol = check.atol_for(hf_folder.folder_dtype(folder_config))
     step("verifying")
-    hf_model = io.load_hf_folder(folder, spec, **io.float32_kwargs())
-    inputs = parity.parity_inputs(timm_model, images=[parity.synthetic_image(0), *(images or [])])
+    hf_model = hf_folder.load_hf_folder(folder, spec, **hf_folder.float32_kwargs())
+    inputs = parity.parity_inputs(timm_model, images=[parity.synthetic_image(0), *check.images])
     return parity.check_parity(
-        timm_model, hf_model, inputs, atol=atol, layers=layers, cls_head_only=spec.cls_head_only
+        timm_model,
+        hf_model,
+        inputs,
+        atol=atol,
+        layers=check.layers,
+        cls_head_only=spec.cls_head_only,
     )
 
 
@@ -277,8 +239,14 @@ class _Reference(NamedTuple):
 
 
 def _timm_reference(
-    timm_model: nn.Module, spec: ArchSpec, batch: list[Image.Image], layers: bool
-) -> _Reference:
+    timm_model: nn.Module, spec: ArchSpec, batch: list[Image.Image], check: CheckOptions, step
+) -> _Reference | None:
+    """timm's outputs (and, with `check.layers`, every stage's) on the parity batch; None
+    without `check.verify`."""
+    if not check.verify:
+        return None
+    step("timm outputs")
+    layers = check.layers
     inputs = parity.parity_inputs(timm_model, images=batch)
     if not layers:
         return _Reference(
@@ -326,7 +294,7 @@ def _check_before_cast(
     must not hide a conversion error under its wider tolerance."""
     exact = parity.compare_outputs(
         reference.outputs,
-        io.load_hf_state_dict(state_dict, config, spec),
+        hf_folder.load_hf_state_dict(state_dict, config, spec),
         reference.inputs,
         atol=DEFAULT_ATOL,
         stages=reference.stages,
@@ -350,7 +318,7 @@ def _check_written(
     folder: Path, spec: ArchSpec, reference: _Reference, atol: float
 ) -> parity.ParityReport:
     """The written folder, loaded back with `from_pretrained` in float32, against timm."""
-    hf_model = io.load_hf_folder(folder, spec, **io.float32_kwargs())
+    hf_model = hf_folder.load_hf_folder(folder, spec, **hf_folder.float32_kwargs())
     report = parity.compare_outputs(
         reference.outputs, hf_model, reference.inputs, atol=atol, stages=reference.stages
     )

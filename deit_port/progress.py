@@ -1,11 +1,14 @@
-"""Reporting the steps of a long command as they start, and timing them for the log."""
+"""Reporting the steps of a long command as they start, timing them for the log, and the
+command line's progress bar over them."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["Steps", "no_progress"]
+__all__ = ["Steps", "no_progress", "progress_bar"]
 
 
 def no_progress(step: str) -> None:
@@ -43,3 +46,44 @@ class Steps:
         """`loading 0.41 s, writing 1.20 s, ...` (the step running now ends here)."""
         self._stop()
         return ", ".join(f"{name} {t:.2f} s" for name, t in self.seconds.items())
+
+
+@contextlib.contextmanager
+def progress_bar(quiet: bool, steps: Sequence[str] = ()) -> Iterator[Callable[[str], None] | None]:
+    """A tqdm bar over the long `steps` when stderr is a terminal and not `quiet`; else nothing.
+
+    Without the bar, transformers' and huggingface_hub's own progress bars are off too, and
+    with `quiet` their warnings.
+
+    Example:
+        >>> with progress_bar(False, ("loading", "writing")) as progress:
+        ...     convert_deit_checkpoint(name, out, progress=progress)
+    """
+    import huggingface_hub.utils
+    import transformers
+
+    show = not quiet and sys.stderr.isatty()
+    if not show:
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+    if quiet:
+        transformers.utils.logging.set_verbosity_error()
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # log lines are printed above the bar (tqdm.write), not through it
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=len(steps), file=sys.stderr, leave=False, unit="step") as bar,
+    ):
+
+        def step(name: str) -> None:
+            bar.n = steps.index(name) if name in steps else bar.n
+            bar.set_description_str(f"deit-port: {name}")
+
+        yield step
+        bar.n = len(steps)
+        bar.refresh()

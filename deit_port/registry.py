@@ -53,7 +53,7 @@ def build_on_meta(name: str, **kwargs) -> nn.Module:
     """`timm.create_model(name, **kwargs)` on the meta device (no memory, no values).
 
     timm's weight init is skipped (`weight_init="skip"`) where timm allows it: on meta tensors
-    it computes nothing, but costs up to 0.4 s a model in dispatch. Older timm (1.0.16) cannot
+    it computes nothing, but every init call still goes through torch's dispatch. Older timm (1.0.16) cannot
     skip it for distilled models (an assertion), so those are built with it.
     """
     import timm

@@ -32,9 +32,11 @@ from torch import nn
 from . import mapping
 from .arch import ArchSpec
 from .errors import BadInputError, KeyMismatchError, ParityError
-from .io import atomic_file, check_output_file, load_hf_folder, read_hf_folder
+from .hf_folder import load_hf_folder, read_hf_folder
+from .output import check_output_file
 from .parity import ParityReport, check_parity, parity_inputs
 from .progress import no_progress
+from .publish import atomic_file
 from .registry import build_on_meta, resolve_model_name, supported_models
 from .tolerances import DEFAULT_ATOL
 
@@ -219,15 +221,13 @@ def convert_hf_folder(
         model: the timm name to write for (see `timm_target`); default: found from the config.
         overwrite: replace an existing `output_file`.
         atol: the parity contract.
-        progress: called with the name of each step as it starts (`STEPS`: `reading`,
-            `writing`, `loading in timm`, `verifying`).
+        progress: called with the name of each step as it starts (`STEPS`).
 
     Returns:
         A `ReverseResult`: the output path, the timm target, the parity report.
 
     Raises:
-        ParityError: the check failed; nothing was written.
-        OutputError, KeyMismatchError, BadInputError: bad input; nothing was written.
+        ParityError, BadInputError (OutputError, KeyMismatchError, ...): nothing was written.
 
     Example:
         >>> result = convert_hf_folder("deit-tiny-hf", "deit_tiny.safetensors")
@@ -254,16 +254,19 @@ def convert_hf_folder(
         _check_loaded(timm_model, state_dict)
         step("verifying")
         hf_model = load_hf_folder(hf_dir, spec).float()  # timm computes in float32 too
-        if spec.in_chans == 3:
-            inputs = parity_inputs(timm_model)
-        else:  # timm's image transform makes RGB
-            size = (4, spec.in_chans, spec.img_size, spec.img_size)
-            inputs = torch.randn(size, generator=torch.Generator().manual_seed(0))
-        report = check_parity(timm_model, hf_model, inputs, atol=atol)
+        report = check_parity(timm_model, hf_model, _inputs(timm_model, spec), atol=atol)
         logger.info(report.summary())
         if not report.passed:
             raise ParityError(report)
     return ReverseResult(out, target, report)
+
+
+def _inputs(timm_model: nn.Module, spec: ArchSpec) -> torch.Tensor:
+    """The parity batch; N(0, 1) tensors for other than 3 channels (timm's transform makes RGB)."""
+    if spec.in_chans == 3:
+        return parity_inputs(timm_model)
+    size = (4, spec.in_chans, spec.img_size, spec.img_size)
+    return torch.randn(size, generator=torch.Generator().manual_seed(0))
 
 
 def _check_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -262,14 +262,7 @@ def model_kwargs_from(
                 out[key] = value
         elif key != "img_size" and given != value:
             raise CheckpointError(_contradiction(key, given, value, shapes))
-    what = f"{shapes.num_classes} classes" if shapes.num_classes else "no head (headless)"
-    if img_size is not None:
-        what += f", {img_size} px"
-    if shapes.patch_size not in (None, base.patch_size):
-        what += f", patch {shapes.patch_size}"
-    if shapes.in_chans not in (None, base.in_chans):
-        what += f", {shapes.in_chans} input channels"
-    notes = [f"from the checkpoint: {what}"]
+    notes = [f"from the checkpoint: {_what_was_read(shapes, base, img_size)}"]
     logger.info(notes[0])
     size = _side(kwargs.get("img_size"))
     if size is not None and img_size is not None and size != img_size:
@@ -281,6 +274,18 @@ def model_kwargs_from(
         )
         logger.info(notes[-1])
     return out, tuple(notes)
+
+
+def _what_was_read(shapes: TensorShapes, base: ArchSpec, img_size: int | None) -> str:
+    """`37 classes, 160 px`: what the tensors fix, and where they differ from MODEL."""
+    what = f"{shapes.num_classes} classes" if shapes.num_classes else "no head (headless)"
+    if img_size is not None:
+        what += f", {img_size} px"
+    if shapes.patch_size not in (None, base.patch_size):
+        what += f", patch {shapes.patch_size}"
+    if shapes.in_chans not in (None, base.in_chans):
+        what += f", {shapes.in_chans} input channels"
+    return what
 
 
 def _describe(arch) -> str:

@@ -1,7 +1,7 @@
 """Where the timm model comes from: timm's pretrained weights, seeded random weights, or a
 user's checkpoint file; one entry point, `timm_source`, for all three.
 
-    >>> source = timm_source("deit_tiny_patch16_224", checkpoint="best.safetensors")
+    >>> source = timm_source("deit_tiny_patch16_224", WeightSource(checkpoint="best.safetensors"))
     >>> source.model, source.weights
     (VisionTransformer(...), "entry 'model' of best.safetensors (safetensors)")
 
@@ -19,8 +19,9 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -38,16 +39,73 @@ if TYPE_CHECKING:
 __all__ = [
     "INITS",
     "TimmSource",
+    "WeightSource",
     "create_timm_model",
     "load_timm_model",
     "randomize_",
     "timm_source",
+    "weight_source",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Where weights come from without a checkpoint (`--init`): timm's own, or seeded random ones.
 INITS = ("pretrained", "random")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where the timm model's weights come from, as one value (timm's `PretrainedCfg` is the
+    model): built once by the command line from `--checkpoint`, `--init`, `--seed`, `--ema`,
+    `--num-classes` and `--img-size`, and handed to the pipeline, verify and the ONNX export.
+
+    Attributes:
+        init: `pretrained` (timm's weights) or `random` (seeded, see `randomize_`); not used
+            with `checkpoint`.
+        seed: seed for `random`.
+        checkpoint: a checkpoint file (see `load_timm_model`), or None.
+        ema: with `checkpoint`: its EMA weights (True), the plain ones (False), or whichever it
+            has (None; an error if both).
+        model_kwargs: passed to `timm.create_model` (e.g. `num_classes`, `img_size`).
+
+    Example:
+        >>> WeightSource(checkpoint="best.pth", ema=True, model_kwargs={"num_classes": 10})
+    """
+
+    init: str = "pretrained"
+    seed: int = 0
+    checkpoint: str | os.PathLike | None = None
+    ema: bool | None = None
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> bool:
+        """Anything but the default (timm's pretrained weights, as registered) was asked."""
+        return self != WeightSource()
+
+
+# The keyword arguments a `WeightSource` replaces, still accepted where it is taken.
+WEIGHT_KEYWORDS = tuple(f.name for f in dataclasses.fields(WeightSource))
+
+
+def weight_source(weights: WeightSource | None = None, **loose: Any) -> WeightSource:
+    """`weights` (default: timm's pretrained weights) with the loose keywords `WEIGHT_KEYWORDS`
+    of the calls before `WeightSource` applied: `init`, `seed`, `checkpoint`, `ema`,
+    `model_kwargs` (None is an empty one).
+
+    Raises:
+        TypeError: a keyword that is not one of them.
+
+    Example:
+        >>> weight_source(init="random", seed=1) == WeightSource(init="random", seed=1)
+        True
+    """
+    unknown = sorted(set(loose) - set(WEIGHT_KEYWORDS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    if loose.get("model_kwargs", {}) is None:
+        loose["model_kwargs"] = {}
+    return dataclasses.replace(weights or WeightSource(), **loose)
 
 
 @dataclass(frozen=True)
@@ -75,33 +133,23 @@ class TimmSource:
         return None if self.checkpoint is None else remap_state_dict(self.checkpoint)
 
 
-def timm_source(
-    name: str,
-    *,
-    init: str = "pretrained",
-    seed: int = 0,
-    model_kwargs: dict | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    ema: bool | None = None,
-) -> TimmSource:
-    """The timm model `name` with its weights: from `checkpoint` when given, else `init`.
+def timm_source(name: str, weights: WeightSource | None = None, **loose: Any) -> TimmSource:
+    """The timm model `name` with its weights: from `weights.checkpoint` when given, else
+    `weights.init`.
 
     Args:
         name: a timm model name (tags and legacy `vit_deit_*` names accepted); `auto` with a
             checkpoint: the registered DeiT its tensors fit.
-        init: `pretrained` (timm's weights) or `random` (seeded, see `randomize_`); not used
-            with `checkpoint`.
-        seed: seed for `random`.
-        model_kwargs: passed to `timm.create_model` (e.g. `num_classes`, `img_size`).
-        checkpoint: a checkpoint file (see `load_timm_model`).
-        ema: with `checkpoint`: its EMA weights (True), the plain ones (False), or whichever it
-            has (None; an error if both).
+        weights: where the weights come from (default: timm's pretrained weights).
+        **loose: keyword-only compatibility: `init`, `seed`, `model_kwargs`, `checkpoint`,
+            `ema`, applied to `weights` (`weight_source`).
 
     Raises:
         BadInputError: `auto` or `ema` without a checkpoint, and everything `load_timm_model`
             and `create_timm_model` raise.
     """
-    kwargs = model_kwargs or {}
+    w = weight_source(weights, **loose)
+    init, seed, checkpoint, ema, kwargs = w.init, w.seed, w.checkpoint, w.ema, dict(w.model_kwargs)
     if checkpoint is not None:
         model, ckpt = load_timm_model(name, checkpoint, ema=ema, **kwargs)
         picked = (

@@ -71,7 +71,13 @@ def test_core_seed_names_and_errors_are_exported_internals_are_not():
     exported = set(deit_port.convert.__all__)
     assert SEED_NAMES | CORE | ERRORS <= exported
     assert not (INTERNALS & exported), sorted(INTERNALS & exported)
-    assert set(deit_port.__all__) <= exported
+
+
+def test_one_public_face():
+    """`deit_port` and `deit_port.convert` export the same list, and every name imports from both."""
+    assert deit_port.__all__ == deit_port.convert.__all__
+    for name in deit_port.__all__:
+        assert getattr(deit_port, name) is getattr(deit_port.convert, name), name
 
 
 @pytest.mark.parametrize("name", sorted(ERRORS))

@@ -43,7 +43,8 @@ from PIL import Image
 
 from deit_port import cli
 from deit_port.errors import ParityError
-from deit_port.onnx_export import MODEL_FILE, QUANTIZED_FILE, quantize_onnx
+from deit_port.onnx_folder import MODEL_FILE, QUANTIZED_FILE
+from deit_port.onnx_quantize import quantize_onnx
 
 from .build_once import build_once, session_root
 from .digits import example

@@ -1,31 +1,35 @@
-"""Reading weights: checkpoint formats and wrappers, EMA, prefixes, DeiT III names, model names,
-timm's pretrained path offline, the seed's interface, --dtype, --labels, sharding, acceptance."""
+"""Reading weights from a checkpoint file: formats, wrappers and EMA, prefixes, DeiT III names,
+building the model from it, other VisionTransformers, and the offline scenario from a .pth to a
+transformers pipeline."""
 
 import argparse
 import json
 import logging
 import textwrap
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageClassification
 
 from deit_port import cli
 from deit_port.arch import ArchSpec
 from deit_port.checkpoint import read_checkpoint, remap_state_dict
-from deit_port.cli import seed_main as convert_main
 from deit_port.convert import convert_deit_checkpoint
 from deit_port.errors import CheckpointError
-from deit_port.labels import read_labels
 from deit_port.mapping import timm_to_hf
 from deit_port.parity import parity_inputs, synthetic_image
 from deit_port.source import load_timm_model
 
-from .util import TINY, assert_state_dicts_equal, model_output, random_timm_model, run_python
+from .util import (
+    TINY,
+    assert_state_dicts_equal,
+    model_output,
+    random_timm_model,
+    run_python,
+    save_checkpoint,
+    state_dict_copy,
+)
 
 ATOL = 1e-4  # float32 parity measured on these variants (the contract is 1e-3)
 
@@ -40,20 +44,6 @@ def tiny_ema():
     return random_timm_model(TINY, seed=4)
 
 
-def _sd(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-
-
-def _save(obj, path: Path, how: str) -> Path:
-    if how == "safetensors":
-        save_file(obj, path)
-    elif how == "torch-zip":
-        torch.save(obj, path)
-    else:
-        torch.save(obj, path, _use_new_zipfile_serialization=False)
-    return path
-
-
 # --- formats -------------------------------------------------------------------------------
 
 FORMATS = [
@@ -66,8 +56,8 @@ FORMATS = [
 
 @pytest.mark.parametrize(("how", "name"), FORMATS, ids=[f"{h}-{n}" for h, n in FORMATS])
 def test_every_format_reads_bitwise(tiny, tmp_path, how, name):
-    sd = _sd(tiny)
-    ckpt = read_checkpoint(_save(sd, tmp_path / name, how))
+    sd = state_dict_copy(tiny)
+    ckpt = read_checkpoint(save_checkpoint(sd, tmp_path / name, how))
     assert ckpt.format == how
     assert ckpt.entry is None and not ckpt.ema
     assert_state_dicts_equal(ckpt.state_dict, sd, name)
@@ -86,9 +76,9 @@ def test_every_format_reads_bitwise(tiny, tmp_path, how, name):
 def test_remap_reads_the_same_weights_through_a_new_map(tiny, tmp_path, how, name, mapped):
     """What convert writes from: the checked weights again, bit for bit, from other memory
     (a new map of the file); None where the weights are not memory-mapped."""
-    sd = {f"module.{k}": v for k, v in _sd(tiny).items()}  # cleaned again on the way
+    sd = {f"module.{k}": v for k, v in state_dict_copy(tiny).items()}  # cleaned again on the way
     obj = sd if how == "safetensors" else {"model": sd, "epoch": 3}
-    ckpt = read_checkpoint(_save(obj, tmp_path / name, how))
+    ckpt = read_checkpoint(save_checkpoint(obj, tmp_path / name, how))
     again = remap_state_dict(ckpt)
     if not mapped:
         assert again is None
@@ -99,13 +89,15 @@ def test_remap_reads_the_same_weights_through_a_new_map(tiny, tmp_path, how, nam
 
 
 def test_remap_leaves_converted_weights_alone_and_sees_a_changed_file(tiny, tmp_path):
-    half = _save(
-        {k: v.half() for k, v in _sd(tiny).items()}, tmp_path / "h.safetensors", "safetensors"
+    half = save_checkpoint(
+        {k: v.half() for k, v in state_dict_copy(tiny).items()},
+        tmp_path / "h.safetensors",
+        "safetensors",
     )
     assert remap_state_dict(read_checkpoint(half)) is None  # float16: converted when loaded
-    path = _save(_sd(tiny), tmp_path / "w.safetensors", "safetensors")
+    path = save_checkpoint(state_dict_copy(tiny), tmp_path / "w.safetensors", "safetensors")
     ckpt = read_checkpoint(path)
-    other = _sd(tiny)
+    other = state_dict_copy(tiny)
     other["head.weight"] = other["head.weight"][:10]
     save_file(other, path)  # replaced on disk while converting
     with pytest.raises(CheckpointError, match="changed while it was being converted"):
@@ -117,13 +109,13 @@ def test_converted_from_a_new_map_the_written_weights_are_the_mapping(tmp_path, 
     """DeiT III (layer scale folded in place, into the new map's private pages): the written
     file holds exactly `timm_to_hf` of the checkpoint's weights; the checkpoint is unchanged."""
     model = random_timm_model("deit3_small_patch16_224", seed=6, depth=2)
-    path = _save(_sd(model), tmp_path / name, how)
+    path = save_checkpoint(state_dict_copy(model), tmp_path / name, how)
     before = path.read_bytes()
     report = convert_deit_checkpoint(
         "deit3_small_patch16_224", tmp_path / "out", checkpoint=path, model_kwargs={"depth": 2}
     )
     assert report.passed, report.summary()
-    expected = timm_to_hf(_sd(model), ArchSpec.from_timm(model))
+    expected = timm_to_hf(state_dict_copy(model), ArchSpec.from_timm(model))
     written = load_file(tmp_path / "out" / "model.safetensors")
     assert_state_dicts_equal(written, {k: v.contiguous() for k, v in expected.items()}, how)
     assert path.read_bytes() == before
@@ -139,9 +131,9 @@ RENAMED = [
 @pytest.mark.parametrize(("how", "name"), RENAMED, ids=[f"{h}-as-{n}" for h, n in RENAMED])
 def test_a_renamed_file_is_read_by_its_content(tiny, tmp_path, how, name, caplog):
     """The format comes from the bytes; the extension only earns a warning."""
-    sd = _sd(tiny)
+    sd = state_dict_copy(tiny)
     with caplog.at_level(logging.WARNING, logger="deit_port"):
-        ckpt = read_checkpoint(_save(sd, tmp_path / name, how))
+        ckpt = read_checkpoint(save_checkpoint(sd, tmp_path / name, how))
     assert ckpt.format == how
     assert_state_dicts_equal(ckpt.state_dict, sd, name)
     assert any(name in r.getMessage() and "holds" in r.getMessage() for r in caplog.records)
@@ -153,7 +145,7 @@ def test_a_renamed_file_is_read_by_its_content(tiny, tmp_path, how, name, caplog
 def test_facebookresearch_deit_release_checkpoint(tiny, tmp_path):
     """As facebookresearch/deit ships its weights: {"model": state_dict}, plus training extras
     that are ignored when "model" is there."""
-    sd = _sd(tiny)
+    sd = state_dict_copy(tiny)
     path = tmp_path / "deit_tiny_patch16_224-a1311bcf.pth"
     torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 299}, path)
     ckpt = read_checkpoint(path)
@@ -164,7 +156,7 @@ def test_facebookresearch_deit_release_checkpoint(tiny, tmp_path):
 def test_facebookresearch_deit_training_checkpoint(tiny, tiny_ema, tmp_path):
     """facebookresearch/deit's main.py saves model, model_ema, optimizer, lr_scheduler, epoch,
     scaler and `args` (an argparse.Namespace, allowed as timm allows it)."""
-    sd, ema_sd = _sd(tiny), _sd(tiny_ema)
+    sd, ema_sd = state_dict_copy(tiny), state_dict_copy(tiny_ema)
     param = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([param], lr=5e-4)
     param.grad = torch.ones(3)
@@ -204,19 +196,21 @@ def test_facebookresearch_deit_training_checkpoint(tiny, tiny_ema, tmp_path):
     ],
 )
 def test_timm_training_checkpoint_entries(tiny, tiny_ema, tmp_path, layout, ema, entry):
-    sd, ema_sd = _sd(tiny), _sd(tiny_ema)
+    sd, ema_sd = state_dict_copy(tiny), state_dict_copy(tiny_ema)
     values = {"state_dict": sd, "state_dict_ema": ema_sd}
     obj = {k: values[k] for k in layout.split("+")} | {"epoch": 10, "arch": TINY}
-    ckpt = read_checkpoint(_save(obj, tmp_path / "last.pth.tar", "torch-zip"), ema=ema)
+    ckpt = read_checkpoint(save_checkpoint(obj, tmp_path / "last.pth.tar", "torch-zip"), ema=ema)
     assert ckpt.entry == entry and ckpt.ema == entry.endswith("ema")
     assert_state_dicts_equal(ckpt.state_dict, values[entry], entry)
 
 
 def test_ema_flags_need_the_weights_they_name(tiny, tmp_path):
-    plain = _save({"model": _sd(tiny)}, tmp_path / "plain.pth", "torch-zip")
+    plain = save_checkpoint({"model": state_dict_copy(tiny)}, tmp_path / "plain.pth", "torch-zip")
     with pytest.raises(CheckpointError, match=r"no EMA weights.*drop --ema"):
         read_checkpoint(plain, ema=True)
-    only_ema = _save({"model_ema": _sd(tiny)}, tmp_path / "ema.pth", "torch-zip")
+    only_ema = save_checkpoint(
+        {"model_ema": state_dict_copy(tiny)}, tmp_path / "ema.pth", "torch-zip"
+    )
     with pytest.raises(CheckpointError, match=r"only EMA weights.*pass --ema"):
         read_checkpoint(only_ema, ema=False)
     assert read_checkpoint(only_ema).ema  # the only weights there are, reported as EMA
@@ -224,8 +218,8 @@ def test_ema_flags_need_the_weights_they_name(tiny, tmp_path):
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])
 def test_wrapper_prefixes_are_stripped(tiny, tmp_path, prefix):
-    sd = _sd(tiny)
-    path = _save(
+    sd = state_dict_copy(tiny)
+    path = save_checkpoint(
         {prefix + k: v for k, v in sd.items()}, tmp_path / "ddp.safetensors", "safetensors"
     )
     assert_state_dicts_equal(read_checkpoint(path).state_dict, sd, prefix)
@@ -234,15 +228,15 @@ def test_wrapper_prefixes_are_stripped(tiny, tmp_path, prefix):
 def test_original_deit3_gamma_names_load(tmp_path):
     """facebookresearch/deit's DeiT III (models_v2.py) names layer scale gamma_1/gamma_2."""
     model = random_timm_model("deit3_small_patch16_224", seed=5)
-    sd = _sd(model)
+    sd = state_dict_copy(model)
     original = {
         k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2"): v
         for k, v in sd.items()
     }
     assert "blocks.0.gamma_1" in original and "blocks.0.ls1.gamma" not in original
-    path = _save({"model": original}, tmp_path / "deit_3_small_224_1k.pth", "torch-zip")
+    path = save_checkpoint({"model": original}, tmp_path / "deit_3_small_224_1k.pth", "torch-zip")
     loaded, _ = load_timm_model("deit3_small_patch16_224", path)
-    assert_state_dicts_equal(_sd(loaded), sd, "deit3")
+    assert_state_dicts_equal(state_dict_copy(loaded), sd, "deit3")
     x = parity_inputs(model, n=2, seed=0)
     assert torch.equal(model_output(loaded, x), model_output(model, x))
 
@@ -251,8 +245,8 @@ def test_original_deit3_gamma_names_load(tmp_path):
 
 
 def test_load_timm_model_assigns_the_checkpoint(tiny, tmp_path):
-    sd = _sd(tiny)
-    path = _save(sd, tmp_path / "w.safetensors", "safetensors")
+    sd = state_dict_copy(tiny)
+    path = save_checkpoint(sd, tmp_path / "w.safetensors", "safetensors")
     torch.manual_seed(0)
     expected_draw = torch.rand(4)
     torch.manual_seed(0)
@@ -261,14 +255,16 @@ def test_load_timm_model_assigns_the_checkpoint(tiny, tmp_path):
     assert torch.equal(torch.rand(4), expected_draw)
     assert not model.training and ckpt.format == "safetensors"
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
-    assert_state_dicts_equal(_sd(model), sd, "model")
+    assert_state_dicts_equal(state_dict_copy(model), sd, "model")
     x = parity_inputs(tiny, n=2, seed=1)
     assert torch.equal(model_output(model, x), model_output(tiny, x))
 
 
 def test_half_precision_checkpoint_is_computed_in_float32(tiny, tmp_path):
-    half = {k: v.half() for k, v in _sd(tiny).items()}
-    model, _ = load_timm_model(TINY, _save(half, tmp_path / "w16.safetensors", "safetensors"))
+    half = {k: v.half() for k, v in state_dict_copy(tiny).items()}
+    model, _ = load_timm_model(
+        TINY, save_checkpoint(half, tmp_path / "w16.safetensors", "safetensors")
+    )
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, half[name].float()), name
 
@@ -277,7 +273,7 @@ def test_finite_weights_whose_sum_overflows_are_read(tmp_path):
     """The NaN/Inf check sums each tensor: a finite tensor whose float32 sum overflows
     (2 x 3e38 > 3.4e38) is counted exactly, and read."""
     sd = {"big": torch.tensor([3e38, 3e38, -1.0]), "half": torch.full((8,), 6e4).half()}
-    ckpt = read_checkpoint(_save(sd, tmp_path / "w.safetensors", "safetensors"))
+    ckpt = read_checkpoint(save_checkpoint(sd, tmp_path / "w.safetensors", "safetensors"))
     assert all(torch.equal(ckpt.state_dict[k], v) for k, v in sd.items())
 
 
@@ -286,16 +282,18 @@ def test_finite_weights_whose_sum_overflows_are_read(tmp_path):
 def test_nan_or_inf_is_found_in_every_float_dtype(tmp_path, dtype, bad):
     values = torch.linspace(-2, 2, 301).to(dtype)
     values[150] = bad
-    path = _save({"ok": torch.ones(3), "w": values}, tmp_path / "w.safetensors", "safetensors")
+    path = save_checkpoint(
+        {"ok": torch.ones(3), "w": values}, tmp_path / "w.safetensors", "safetensors"
+    )
     with pytest.raises(CheckpointError, match=r"'w' holds 1 NaN/Inf value"):
         read_checkpoint(path)
 
 
 @pytest.mark.parametrize("name", ["vit_deit_tiny_patch16_224", "deit_tiny_patch16_224.fb_in1k"])
 def test_legacy_and_tagged_names_take_a_checkpoint(tiny, tmp_path, name):
-    path = _save({"model": _sd(tiny)}, tmp_path / "w.pth", "torch-zip")
+    path = save_checkpoint({"model": state_dict_copy(tiny)}, tmp_path / "w.pth", "torch-zip")
     model, _ = load_timm_model(name, path)
-    assert_state_dicts_equal(_sd(model), _sd(tiny), name)
+    assert_state_dicts_equal(state_dict_copy(model), state_dict_copy(tiny), name)
 
 
 # --- other VisionTransformers --------------------------------------------------------------
@@ -318,198 +316,14 @@ def test_other_vision_transformers_convert(tmp_path, name, size, capsys):
     assert config["image_size"] == size and config["architectures"] == ["ViTForImageClassification"]
 
 
-# --- --labels ------------------------------------------------------------------------------
-
-LABELS = ["cat", "dog", "wombat"]
-
-
-@pytest.mark.parametrize(
-    ("fmt", "text"),
-    [
-        ("json-list", json.dumps(LABELS)),
-        ("json-id2label", json.dumps({"2": "wombat", "0": "cat", "1": "dog"})),
-        ("json-label2id", json.dumps({"dog": 1, "wombat": 2, "cat": 0})),
-        ("lines", "cat\ndog\nwombat\n"),
-    ],
-)
-def test_read_labels(tmp_path, fmt, text):
-    path = tmp_path / "labels"
-    path.write_text(text)
-    assert read_labels(path) == LABELS
-
-
-@pytest.mark.parametrize(
-    "text", ["cat\n\ndog\n", "cat\ncat\n", '{"0": "cat", "2": "dog"}', "[1, 2]", "[", ""]
-)
-def test_read_labels_refuses_bad_files(tmp_path, text):
-    path = tmp_path / "labels"
-    path.write_text(text)
-    with pytest.raises(CheckpointError, match=str(path)):
-        read_labels(path)
-
-
-def test_labels_file_names_the_classes(tiny, tmp_path):
-    model = random_timm_model(TINY, seed=8, num_classes=3)
-    ckpt = _save(_sd(model), tmp_path / "finetune.safetensors", "safetensors")
-    labels = tmp_path / "labels.txt"
-    labels.write_text("\n".join(LABELS) + "\n")
-    out = tmp_path / "out"
-    argv = [
-        "convert",
-        TINY,
-        str(out),
-        "--checkpoint",
-        str(ckpt),
-        "--num-classes",
-        "3",
-        "--labels",
-        str(labels),
-        "-q",
-    ]
-    assert cli.main(argv) == 0
-    config = json.loads((out / "config.json").read_text())
-    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "wombat"}
-    assert config["label2id"] == {"cat": 0, "dog": 1, "wombat": 2}
-
-
-# --- --dtype and sharding ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("dtype", "st_dtype"), [("float16", "F16"), ("bfloat16", "BF16")])
-def test_dtype_casts_the_written_weights(tiny, tmp_path, dtype, st_dtype, record_property):
-    ckpt = _save(_sd(tiny), tmp_path / "w.safetensors", "safetensors")
-    out = tmp_path / "out"
-    report = convert_deit_checkpoint(TINY, out, checkpoint=ckpt, dtype=dtype)
-    with safe_open(out / "model.safetensors", "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {st_dtype}  # noqa: SIM118
-        head = f.get_tensor("classifier.weight")
-    assert torch.equal(head, tiny.head.weight.detach().to(getattr(torch, dtype)))
-    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
-
-    hf = AutoModelForImageClassification.from_pretrained(out, dtype=torch.float32)
-    x = parity_inputs(tiny, n=4, seed=0)
-    diffs = (model_output(hf, x) - model_output(tiny, x)).abs()
-    diff = diffs.max().item()
-    record_property("variant", f"{TINY} written in {dtype} (tolerance {report.atol:g})")
-    record_property("max_abs_diff", diff)
-    record_property("mean_abs_diff", diffs.mean().item())
-    assert diff > 0, "the cast should be visible in the logits"
-    assert report.passed and diff <= report.atol, (
-        f"max |diff| {diff:.3g} vs the stated {report.atol}"
-    )
-    assert report.atol > 1e-3, "a float32 tolerance cannot hold for rounded weights"
-    assert abs(report.max_abs_diff - diff) <= 1e-6
-
-
-def test_shards_past_max_shard_size_with_a_complete_index(tiny, tmp_path):
-    ckpt = _save(_sd(tiny), tmp_path / "w.safetensors", "safetensors")
-    one, many = tmp_path / "one", tmp_path / "many"
-    convert_deit_checkpoint(TINY, one, checkpoint=ckpt, verify=False)
-    convert_deit_checkpoint(TINY, many, checkpoint=ckpt, max_shard_size="1MB")
-
-    index = json.loads((many / "model.safetensors.index.json").read_text())
-    shards = sorted(many.glob("model-*-of-*.safetensors"))
-    assert len(shards) > 1 and not (many / "model.safetensors").exists()
-    assert sorted(set(index["weight_map"].values())) == [p.name for p in shards]
-    in_shards = {}
-    for shard in shards:
-        assert shard.stat().st_size <= 1_000_000 + 200_000, f"{shard.name} exceeds the shard size"
-        for k, v in load_file(shard).items():
-            assert index["weight_map"][k] == shard.name
-            in_shards[k] = v
-    whole = load_file(one / "model.safetensors")
-    assert sorted(in_shards) == sorted(whole) == sorted(index["weight_map"])
-    for k, v in whole.items():
-        assert torch.equal(in_shards[k], v), k
-    assert index["metadata"]["total_size"] == sum(
-        v.numel() * v.element_size() for v in whole.values()
-    )
-
-    hf, info = AutoModelForImageClassification.from_pretrained(many, output_loading_info=True)
-    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
-    x = parity_inputs(tiny, n=2, seed=0)
-    torch.testing.assert_close(
-        model_output(hf, x),
-        model_output(tiny, x),
-        atol=ATOL,
-        rtol=0,
-        msg=lambda m: f"sharded folder vs timm: {m}",
-    )
-
-    # --overwrite with one file leaves no stale shard or index
-    convert_deit_checkpoint(TINY, many, checkpoint=ckpt, overwrite=True, verify=False)
-    assert not list(many.glob("model-*")) and not (many / "model.safetensors.index.json").exists()
-
-
-# --- timm's pretrained path, offline; the seed's interface; the acceptance scenario --------
-
-
-def _hub_cache_with(tmp_path: Path, repo: str, state_dict: dict) -> Path:
-    """A huggingface_hub cache holding `repo` as timm publishes it: `model.safetensors` in a
-    snapshot, `refs/main` naming the snapshot (the file timm asks for is `pytorch_model.bin`;
-    it looks for its safetensors alternative `model.safetensors` first)."""
-    cache = tmp_path / "hub"
-    repo_dir = cache / f"models--{repo.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = repo_dir / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    save_file(state_dict, snapshot / "model.safetensors")
-    (snapshot / "config.json").write_text(json.dumps({"architecture": TINY, "num_classes": 1000}))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    return cache
-
-
-def test_pretrained_from_the_local_hub_cache_offline(tiny, tmp_path):
-    """With and without the tag: both resolve to timm/deit_tiny_patch16_224.fb_in1k."""
-    cache = _hub_cache_with(tmp_path, "timm/deit_tiny_patch16_224.fb_in1k", _sd(tiny))
-    names = {"untagged": TINY, "tagged": f"{TINY}.fb_in1k"}
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
-    script = textwrap.dedent(f"""
-        from deit_port import cli
-        for out, name in {names!r}.items():
-            code = cli.main(["-q", "convert", name, {str(tmp_path)!r} + "/" + out])
-            assert code == 0, (name, code)
-    """)
-    r = run_python("-c", script, env=env)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("parity PASS") == 2
-    for out in names:
-        written = load_file(tmp_path / out / "model.safetensors")
-        assert torch.equal(written["classifier.weight"], tiny.head.weight.detach()), out
-        assert "timm/deit_tiny_patch16_224.fb_in1k" in (tmp_path / out / "README.md").read_text()
-
-
-def test_seed_interface_takes_the_new_options(tiny, tmp_path):
-    ckpt = _save({"model": _sd(tiny), "model_ema": _sd(tiny)}, tmp_path / "c.pth", "torch-zip")
-    out = tmp_path / "out"
-    code = convert_main(
-        [
-            "--deit_name",
-            "vit_deit_tiny_patch16_224",
-            "--pytorch_dump_folder_path",
-            str(out),
-            "--checkpoint",
-            str(ckpt),
-            "--no-ema",
-            "--dtype",
-            "bfloat16",
-            "--max-shard-size",
-            "2MB",
-            "-q",
-        ]
-    )  # `python -m deit_port.convert` runs this main (tests/test_cli.py runs it as a module)
-    assert code == 0
-    assert (out / "model.safetensors.index.json").is_file()
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-    assert "entry 'model' of c.pth" in (out / "README.md").read_text()
+# --- the acceptance scenario ------------------------------------------------------------
 
 
 def test_acceptance_offline_deit_pth_to_pipeline(tiny, tmp_path):
     """A user, offline, converts a .pth written as facebookresearch/deit writes it and loads
     the result with pipeline("image-classification", model=OUTPUT_DIR)."""
     ckpt = tmp_path / "deit_tiny_patch16_224-a1311bcf.pth"
-    torch.save({"model": _sd(tiny)}, ckpt)
+    torch.save({"model": state_dict_copy(tiny)}, ckpt)
     out = tmp_path / "deit-tiny-hf"
     image = tmp_path / "image.png"
     synthetic_image(3).save(image)

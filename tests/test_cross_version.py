@@ -65,9 +65,13 @@ def _assert_close(actual, expected, what):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_write_converted(variant):
-    convert_deit_checkpoint(
-        variant, _side(MAJOR) / "converted" / variant, init="random", seed=SEED, overwrite=True
-    )
+    """The folder the other side loads: written, checked against timm by the writer itself,
+    with the keys this transformers' own class expects."""
+    folder = _side(MAJOR) / "converted" / variant
+    report = convert_deit_checkpoint(variant, folder, init="random", seed=SEED, overwrite=True)
+    assert report is not None and report.passed, report
+    assert report.max_abs_diff <= ATOL_MEASURED, report.summary()
+    _assert_loads_strictly(folder)
 
 
 @pytest.mark.parametrize("kind", sorted(SAVED))
@@ -84,7 +88,17 @@ def test_write_save_pretrained(kind):
         layer_norm_eps=1e-6,
     )
     model = randomize_(model_class(config), seed=SEED).eval()
-    model.save_pretrained(_side(MAJOR) / "saved" / kind)
+    folder = _side(MAJOR) / "saved" / kind
+    model.save_pretrained(folder)
+    _assert_loads_strictly(folder)
+    again = model_class.from_pretrained(folder).state_dict()
+    for key, value in model.state_dict().items():  # the file holds the weights, bit for bit
+        assert torch.equal(again[key], value), key
+
+
+def _assert_loads_strictly(folder: Path) -> None:
+    _, info = AutoModelForImageClassification.from_pretrained(folder, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

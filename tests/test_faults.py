@@ -13,7 +13,7 @@ MiB). Mounting needs root (CAP_SYS_ADMIN); without it these tests skip with the 
 under CI=true, where that is a failure: CI runs as root, and a skip there would hide the faults.
 
 "The disk fills while writing" needs the up-front check out of the way: the test replaces
-`deit_port.io.check_free_space` with a no-op for the run, as another writer filling the disk
+`deit_port.output.check_free_space` with a no-op for the run, as another writer filling the disk
 after the check would make it, so that each writer (safetensors' for `convert` and `to-timm`,
 the ONNX exporter's for `export-onnx`, Python's for the small files) meets the real ENOSPC.
 """
@@ -32,12 +32,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-import deit_port.io
+import deit_port.hf_folder
+import deit_port.output
 from deit_port import cli
-from deit_port.checkpoint import detect_format
+from deit_port.checkpoint_format import detect_format
 from deit_port.errors import CheckpointError, LabelsError, OutputError
-from deit_port.io import atomic_folder, write_error_cause
 from deit_port.labels import read_labels
+from deit_port.output import write_error_cause
+from deit_port.publish import atomic_folder
 
 from .util import (
     TINY,
@@ -145,7 +147,7 @@ def _fails(argv: list[str], fs: Path, capsys, code: int = 2) -> str:
 def _without_space_check(monkeypatch) -> None:
     """Turn the up-front free-space check off, as another writer filling the disk after the
     check would: the command's own writer meets the real ENOSPC."""
-    monkeypatch.setattr(deit_port.io, "check_free_space", lambda *args, **kwargs: None)
+    monkeypatch.setattr(deit_port.output, "check_free_space", lambda *args, **kwargs: None)
 
 
 def _one_error_line(code: int, returncode: int, stderr: str) -> str:
@@ -509,7 +511,7 @@ def test_an_unrelated_error_while_writing_is_still_a_bug(tmp_path, capsys, monke
         (Path(folder) / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("a bug in the writer")
 
-    monkeypatch.setattr(deit_port.io, "save_hf_folder", buggy_writer)
+    monkeypatch.setattr(deit_port.hf_folder, "save_hf_folder", buggy_writer)
     argv = ["-q", "convert", TINY, str(tmp_path / "out"), "--init", "random", "--no-verify"]
     with nothing_written(tmp_path):
         assert cli.main(argv) == 3
@@ -524,5 +526,5 @@ def test_space_check_without_a_mount(tmp_path):
     size = st.f_blocks * st.f_frsize  # the whole file system: more than is free
     out = tmp_path / "new" / "out"
     with pytest.raises(OutputError, match=rf"not enough space for {re.escape(str(out))}: needs"):
-        deit_port.io.check_free_space(out, size, folder=True)
+        deit_port.output.check_free_space(out, size, folder=True)
     assert list(tmp_path.iterdir()) == []

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from deit_port.convert import ArchSpec, build_config, timm_to_hf
-from deit_port.io import load_hf_state_dict
+from deit_port.hf_folder import load_hf_state_dict
 from deit_port.parity import ParityReport, check_parity, parity_inputs
 
 from .util import (

@@ -205,8 +205,8 @@ def test_an_onnx_mismatch_after_the_export_writes_nothing(case, exported, tmp_pa
     what follows an export."""
     e = exported(case)
     monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: _Saved(e.onnx_file))
-    run = deit_port.onnx_export._run_onnx
-    monkeypatch.setattr(deit_port.onnx_export, "_run_onnx", lambda s, x: run(s, x) + 1e-3)
+    run = deit_port.onnx_export.run_onnx
+    monkeypatch.setattr(deit_port.onnx_export, "run_onnx", lambda s, x: run(s, x) + 1e-3)
     out = tmp_path / "m.onnx"
     with pytest.raises(ParityError) as exc:
         export_onnx(e.folder, out, TINY, init="random", seed=SEED, model_kwargs={"depth": 2})

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import deit_port.io
+import deit_port.hf_folder
+import deit_port.publish
 from deit_port.errors import OutputError
-from deit_port.io import atomic_file, atomic_folder
 from deit_port.mapping import hf_to_timm
+from deit_port.publish import atomic_file, atomic_folder
 
 from .util import TINY, cli_error_line, dead_pid, one_error_line, random_timm_model
 
@@ -41,10 +42,10 @@ def file_publish(request, monkeypatch):
     """Each way a file is published without replacing; `link` is what runs where the C
     library has no renameat2 (it is also the fallback where the file system refuses it)."""
     if request.param == "renameat2":
-        if deit_port.io._renameat2() is None:
+        if deit_port.publish.renameat2() is None:
             pytest.skip("this C library has no renameat2")
     else:
-        monkeypatch.setattr(deit_port.io, "_renameat2", lambda: None)
+        monkeypatch.setattr(deit_port.publish, "renameat2", lambda: None)
     return request.param
 
 
@@ -159,13 +160,13 @@ def test_file_writer_removes_leftovers_of_dead_runs_keeps_live_ones(tmp_path):
 def test_convert_loses_to_a_folder_that_appeared_meanwhile(tmp_path, capsys, monkeypatch):
     """Through the CLI: exit 2, one line, the other run's folder untouched, nothing left."""
     out = tmp_path / "out"
-    real = deit_port.io.save_hf_folder
+    real = deit_port.hf_folder.save_hf_folder
 
     def save_while_another_run_publishes(folder, *args, **kwargs):
         real(folder, *args, **kwargs)
         _theirs(out, folder=True)
 
-    monkeypatch.setattr(deit_port.io, "save_hf_folder", save_while_another_run_publishes)
+    monkeypatch.setattr(deit_port.hf_folder, "save_hf_folder", save_while_another_run_publishes)
     argv = ["-q", "convert", TINY, str(out), "--init", "random", "--no-verify"]
     line = cli_error_line(argv, capsys, unchanged=None)  # the other run's folder appears
     assert "appeared while converting" in line

@@ -19,7 +19,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import deit_port.io
+import deit_port.hf_folder
 import deit_port.mapping
 import deit_port.reverse
 from deit_port import cli
@@ -136,7 +136,7 @@ def test_deit3_is_written_for_a_deit3_name_and_computes_the_same(folders, offlin
         model_output(loaded, x), model_output(original, x), atol=ATOL_MEASURED, rtol=0
     )
 
-    spec = deit_port.io.read_hf_folder(hf_dir)[2]
+    spec = deit_port.hf_folder.read_hf_folder(hf_dir)[2]
     assert not spec.layer_scale
     assert deit_port.reverse.timm_target(spec).name == "deit_small_patch16_224"
 
@@ -172,7 +172,7 @@ def test_a_native_transformers_vit_becomes_a_timm_model_with_kwargs(
     stdout = capsys.readouterr().out
     assert "parity PASS" in stdout and "embed_dim=48" in stdout and "norm_layer=functools" in stdout
 
-    target = deit_port.reverse.timm_target(deit_port.io.read_hf_folder(tmp_path / "vit")[2])
+    target = deit_port.reverse.timm_target(deit_port.hf_folder.read_hf_folder(tmp_path / "vit")[2])
     assert target.name == TINY
     assert target.kwargs["embed_dim"] == 48 and target.kwargs["depth"] == 2
     loaded = target.create(out)
@@ -285,8 +285,8 @@ def test_sharded_folder_is_read_through_its_index(folders, tmp_path):
         max_shard_size="200KB",
     )
     assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) > 0
-    _, single, spec = deit_port.io.read_hf_folder(hf_dir)
-    _, shards, spec2 = deit_port.io.read_hf_folder(sharded)
+    _, single, spec = deit_port.hf_folder.read_hf_folder(hf_dir)
+    _, shards, spec2 = deit_port.hf_folder.read_hf_folder(sharded)
     assert spec == spec2
     assert_state_dicts_equal(shards, single, "sharded")
 

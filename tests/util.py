@@ -192,6 +192,30 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
     assert torch.equal(bits(actual), bits(expected)), f"{what}: values differ"
 
 
+def state_dict_copy(model) -> dict[str, torch.Tensor]:
+    """A model's weights as a checkpoint holds them: detached, contiguous copies."""
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(obj, path: Path, how: str) -> Path:
+    """`obj` saved as `how`: `safetensors`, `torch-zip` (torch.save) or `torch-pickle` (the
+    legacy format); returns `path`."""
+    from safetensors.torch import save_file
+
+    if how == "safetensors":
+        save_file(obj, path)
+    elif how == "torch-zip":
+        torch.save(obj, path)
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def random_init_args(seed: int) -> list[str]:
+    """The command line's options for seeded random weights."""
+    return ["--init", "random", "--seed", str(seed)]
+
+
 def run_python(*args, env: dict | None = None, timeout: float = 600, **kwargs):
     """`python ARGS...` in a subprocess (this interpreter), output captured as text."""
     return subprocess.run(
