@@ -239,68 +239,72 @@ def _patch_geometry(pe: nn.Module, refuse: Callable[[str], Exception]) -> tuple[
 def _read_blocks(model: VisionTransformer, refuse: Callable[[str], Exception]) -> dict:
     """The `ArchSpec` fields the blocks fix (widths, depth, heads, biases, layer scale, eps),
     every block checked to be the same pre-norm block transformers' ViT layer computes."""
-    from timm.layers import Mlp
-    from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block
 
-    embed_dim = model.embed_dim
     # timm types its submodules as `nn.Module`: what each holds is checked below, at run time
     blocks: list[Any] = list(model.blocks)
     norm: Any = model.norm
     if not blocks:
         raise refuse("a model without blocks")
-    # issue 27: the block type first (timm's ParallelThingsBlock has no ls1/mlp to read)
-    for i, blk in enumerate(blocks):
+    for i, blk in enumerate(blocks):  # the type first: a ParallelThingsBlock has no ls1 to read
         if type(blk) is not Block:
             kind = "parallel blocks" if hasattr(blk, "attns") else "block type"
             raise refuse(f"block {i}: {kind} {type(blk).__name__}")
+    first = blocks[0]
+    fields = {
+        "embed_dim": model.embed_dim,
+        "depth": len(blocks),
+        "num_heads": first.attn.num_heads,
+        "mlp_hidden": first.mlp.fc1.out_features,
+        "layer_scale": isinstance(first.ls1, nn.Module) and hasattr(first.ls1, "gamma"),
+        "qkv_bias": first.attn.qkv.bias is not None,
+    }
     eps = {float(norm.eps)}
-    layer_scale = isinstance(blocks[0].ls1, nn.Module) and hasattr(blocks[0].ls1, "gamma")
-    mlp_hidden = blocks[0].mlp.fc1.out_features
-    num_heads = blocks[0].attn.num_heads
-    qkv_bias = blocks[0].attn.qkv.bias is not None
     for i, blk in enumerate(blocks):
-        where = f"block {i}: "
-        norms: list[Any] = [blk.norm1, blk.norm2]
-        if not all(_is_layernorm(n) for n in norms):
-            raise refuse(where + "a non-LayerNorm norm")
-        eps |= {float(n.eps) for n in norms}
-        attn = blk.attn
-        if type(attn) is not Attention or getattr(attn, "gate", None) is not None:
-            raise refuse(where + f"attention type {type(attn).__name__}")
-        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-            raise refuse(where + "qk-norm")
-        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-            raise refuse(where + "attention scale norm")
-        if attn.num_heads != num_heads or attn.num_heads * attn.head_dim != embed_dim:
-            raise refuse(where + "attention head sizes other than embed_dim / num_heads")
-        if (attn.qkv.bias is not None) != qkv_bias or attn.proj.bias is None:
-            raise refuse(where + "mixed or missing attention biases")
-        for ls in (blk.ls1, blk.ls2):
-            if hasattr(ls, "gamma") != layer_scale or not (
-                isinstance(ls, nn.Identity) or hasattr(ls, "gamma")
-            ):
-                raise refuse(where + "mixed layer scale")
-        mlp = blk.mlp
-        if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
-            raise refuse(where + f"MLP type {type(mlp).__name__}")
-        if not _is_exact_gelu(mlp.act):
-            raise refuse(where + f"non-GELU MLP activation {mlp.act!r}")
-        if not isinstance(mlp.norm, nn.Identity):
-            raise refuse(where + "MLP scale norm")
-        if mlp.fc1.out_features != mlp_hidden or mlp.fc1.bias is None or mlp.fc2.bias is None:
-            raise refuse(where + "MLP widths differing between blocks or missing MLP biases")
+        eps |= _check_block(blk, fields, f"block {i}: ", refuse)
     if len(eps) != 1:
         raise refuse(f"LayerNorms with different eps {sorted(eps)}")
-    return {
-        "embed_dim": embed_dim,
-        "depth": len(blocks),
-        "num_heads": num_heads,
-        "mlp_hidden": mlp_hidden,
-        "layer_scale": layer_scale,
-        "qkv_bias": qkv_bias,
-        "eps": eps.pop(),
-    }
+    return fields | {"eps": eps.pop()}
+
+
+def _check_block(
+    blk: Any, fields: dict, where: str, refuse: Callable[[str], Exception]
+) -> set[float]:
+    """Refuse a block that is not the first block's kind (`fields`); its norms' eps."""
+    from timm.layers import Mlp
+    from timm.layers.attention import Attention
+
+    norms: list[Any] = [blk.norm1, blk.norm2]
+    if not all(_is_layernorm(n) for n in norms):
+        raise refuse(where + "a non-LayerNorm norm")
+    attn = blk.attn
+    if type(attn) is not Attention or getattr(attn, "gate", None) is not None:
+        raise refuse(where + f"attention type {type(attn).__name__}")
+    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        raise refuse(where + "qk-norm")
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        raise refuse(where + "attention scale norm")
+    heads = fields["num_heads"]
+    if attn.num_heads != heads or attn.num_heads * attn.head_dim != fields["embed_dim"]:
+        raise refuse(where + "attention head sizes other than embed_dim / num_heads")
+    if (attn.qkv.bias is not None) != fields["qkv_bias"] or attn.proj.bias is None:
+        raise refuse(where + "mixed or missing attention biases")
+    for ls in (blk.ls1, blk.ls2):
+        if hasattr(ls, "gamma") != fields["layer_scale"] or not (
+            isinstance(ls, nn.Identity) or hasattr(ls, "gamma")
+        ):
+            raise refuse(where + "mixed layer scale")
+    mlp = blk.mlp
+    if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
+        raise refuse(where + f"MLP type {type(mlp).__name__}")
+    if not _is_exact_gelu(mlp.act):
+        raise refuse(where + f"non-GELU MLP activation {mlp.act!r}")
+    if not isinstance(mlp.norm, nn.Identity):
+        raise refuse(where + "MLP scale norm")
+    widths_differ = mlp.fc1.out_features != fields["mlp_hidden"]
+    if widths_differ or mlp.fc1.bias is None or mlp.fc2.bias is None:
+        raise refuse(where + "MLP widths differing between blocks or missing MLP biases")
+    return {float(n.eps) for n in norms}
 
 
 def _check_heads(

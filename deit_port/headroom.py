@@ -177,23 +177,22 @@ def _activations(model: nn.Module, batch: int = 4) -> int:
 
 
 def _meminfo(key: str) -> int | None:
+    return _proc_bytes("/proc/meminfo", key)
+
+
+def _status(key: str) -> int:
+    return _proc_bytes("/proc/self/status", key) or 0
+
+
+def _proc_bytes(path: str, key: str) -> int | None:
+    """`key`'s figure in a /proc file of `key:  N kB` lines, in bytes; None where absent."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
-
-
-def _status(key: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _cgroup_room() -> int | None:

@@ -201,8 +201,7 @@ def export_onnx(
         overwrite: replace an existing `output`.
         atol: the bound for onnxruntime vs transformers, and vs timm for a float32 folder
             (a float16/bfloat16 folder differs from timm by up to its `DTYPE_ATOL`).
-        external_data: True writes the weights beside the graph (NAME.onnx.data) whatever
-            their size; None: only past torch's threshold (protobuf's 2 GB).
+        external_data: the weights beside the graph (NAME.onnx.data) at any size, not only past 2 GB.
         **loose: keyword-only compatibility: `weights`' fields (`source.WEIGHT_KEYWORDS`).
 
     Returns:

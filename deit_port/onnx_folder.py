@@ -138,8 +138,7 @@ def export_onnx_folder(
         deit_name, weights, atol, external_data: as `export_onnx`; external weights are named
             as transformers.js loads them (`model.onnx_data`) and recorded in `config.json`
             (`transformers.js_config.use_external_data_format`, `deit_port.onnx_data`).
-        quantize: write the int8 file too (transformers.js's default on WASM, `dtype: 'q8'`),
-            checked as `Int8Check()` (True) or as the `Int8Check` given; False: no int8 file.
+        quantize: the int8 file too (WASM's default, `q8`), checked as `Int8Check()` or as given.
         overwrite: replace an existing, non-empty `HF_DIR/onnx`.
         **loose: keyword-only compatibility, as for `export_onnx`.
 
@@ -154,7 +153,6 @@ def export_onnx_folder(
         1.0
     """
     require_onnx()
-
     weights = weight_source(weights, **loose)
     int8 = Int8Check() if quantize is True else quantize or None
     if int8 is not None:
@@ -166,13 +164,7 @@ def export_onnx_folder(
             folder, tmp / MODEL_FILE, deit_name, weights, atol=atol, external_data=external_data
         )
         external = {MODEL_FILE: 1} if as_transformers_js_data(tmp / MODEL_FILE) else {}
-        quantized = None
-        if int8 is not None:
-            shape = _input_shape(tmp / MODEL_FILE)
-            x = check_batch(folder, shape, list(int8.images), seed=weights.seed)
-            quantized = quantize_onnx(
-                tmp / MODEL_FILE, tmp / QUANTIZED_FILE, x, min_top1=int8.min_top1
-            )
+        quantized = None if int8 is None else _quantize(folder, tmp, int8, weights.seed)
     out = folder / ONNX_FOLDER  # the reports name the files where they now lie
     done = OnnxFolderReport(
         out,
@@ -182,6 +174,12 @@ def export_onnx_folder(
     record_external_data(folder, external)  # what transformers.js must fetch beside the graph
     replace_section(folder, ONNX_FOLDER, onnx_section(done.folder, done.fp32, done.quantized))
     return done
+
+
+def _quantize(folder: Path, tmp: Path, int8: Int8Check, seed: int) -> QuantizedCheck:
+    """`tmp/model_quantized.onnx` from `tmp/model.onnx`, checked on `check_batch`."""
+    x = check_batch(folder, _input_shape(tmp / MODEL_FILE), list(int8.images), seed=seed)
+    return quantize_onnx(tmp / MODEL_FILE, tmp / QUANTIZED_FILE, x, min_top1=int8.min_top1)
 
 
 def _input_shape(model_file: Path) -> tuple[int, int, int]:
