@@ -11,6 +11,7 @@ values) and described by `ArchSpec.from_timm`, which reads the model, never its 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -48,9 +49,11 @@ def family_names() -> list[str]:
     return sorted({n for pattern in FAMILY_PATTERNS for n in timm.list_models(pattern)})
 
 
+@functools.cache
 def describe(name: str) -> tuple[str | None, str | None]:
     """`(transformers class, None)` for a name deit_port converts, `(None, feature)` for one it
-    refuses (built on the meta device, described by `ArchSpec.from_timm`).
+    refuses (built on the meta device, described by `ArchSpec.from_timm`); once per process
+    and name (timm's registry does not change while it runs).
 
     Raises:
         DeitPortError: timm cannot build the name (other than a refusal).
