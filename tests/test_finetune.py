@@ -80,11 +80,15 @@ FINETUNES = [
 
 @pytest.mark.parametrize(("variant", "finetune", "logged"), FINETUNES)
 def test_a_finetune_converts_with_no_shape_flags(tmp_path, caplog, variant, finetune, logged):
+    """A fine-tune of its own shapes (a model of its own: the shapes are what is checked),
+    converted with `--no-verify`: the written folder is compared with the timm model here
+    (`_assert_folder_matches`), so the converter's own check would run the same passes again."""
     source = random_timm_model(variant, seed=21, **finetune)
     ckpt = _save(source, tmp_path / "finetune.pth", wrap="model")
     out = tmp_path / "out"
+    argv = ["convert", variant, str(out), "--checkpoint", str(ckpt), "--no-verify"]
     with caplog.at_level(logging.INFO, logger="deit_port"):
-        assert cli.main(["convert", variant, str(out), "--checkpoint", str(ckpt)]) == 0
+        assert cli.main(argv) == 0
     assert f"from the checkpoint: {logged}" in caplog.messages
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == finetune.get("img_size", 224)
