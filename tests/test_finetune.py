@@ -80,11 +80,15 @@ FINETUNES = [
 
 @pytest.mark.parametrize(("variant", "finetune", "logged"), FINETUNES)
 def test_a_finetune_converts_with_no_shape_flags(tmp_path, caplog, variant, finetune, logged):
+    """A fine-tune of its own shapes (a model of its own: the shapes are what is checked),
+    converted with `--no-verify`: the written folder is compared with the timm model here
+    (`_assert_folder_matches`), so the converter's own check would run the same passes again."""
     source = random_timm_model(variant, seed=21, **finetune)
     ckpt = _save(source, tmp_path / "finetune.pth", wrap="model")
     out = tmp_path / "out"
+    argv = ["convert", variant, str(out), "--checkpoint", str(ckpt), "--no-verify"]
     with caplog.at_level(logging.INFO, logger="deit_port"):
-        assert cli.main(["convert", variant, str(out), "--checkpoint", str(ckpt)]) == 0
+        assert cli.main(argv) == 0
     assert f"from the checkpoint: {logged}" in caplog.messages
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == finetune.get("img_size", 224)
@@ -261,7 +265,9 @@ def test_a_new_resolution_matches_timms_own_loading(
     `timm.create_model(pretrained=True, img_size=S)` resamples it; the written folder computes
     what that timm model computes. Beside it, the folder converted at the checkpoint's size and
     run at S with transformers' `interpolate_pos_encoding=True` is measured: it is not timm's
-    (what the model card says)."""
+    (what the model card says). The resampled folder is converted with `verify=False`: this
+    case compares it with timm's own loading itself (the converter's check would compare it
+    with the same timm model again)."""
     from deit_port.convert import convert_deit_checkpoint
 
     source = random_timm_model(name, seed=31, depth=2, img_size=trained_at)
@@ -271,7 +277,11 @@ def test_a_new_resolution_matches_timms_own_loading(
 
     resampled = tmp_path / "resampled"
     convert_deit_checkpoint(
-        name, resampled, checkpoint=ckpt, model_kwargs={"depth": 2, "img_size": run_at}
+        name,
+        resampled,
+        checkpoint=ckpt,
+        model_kwargs={"depth": 2, "img_size": run_at},
+        verify=False,
     )
     assert json.loads((resampled / "config.json").read_text())["image_size"] == run_at
     assert "position embedding resampled from" in (resampled / "README.md").read_text()
