@@ -19,7 +19,7 @@ import pytest
 
 from deit_port.convert import convert_deit_checkpoint
 
-from .util import nothing_written, one_error_line
+from .util import need_module, nothing_written, one_error_line
 
 _ROOM = 384 * 1024**2  # what the limit leaves above the baseline
 # a verified conversion of DeiT III large needs some 1.7 GiB: far above _ROOM
@@ -86,12 +86,12 @@ def test_convert_under_a_too_low_limit_is_refused_before_loading(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_onnx_under_a_too_low_limit_is_refused_before_loading(tmp_path):
-    pytest.importorskip("onnxruntime")
-    folder = tmp_path / "hf"  # DeiT base: 346 MB of weights, an export needs some 1.2 GiB
-    convert_deit_checkpoint("deit_base_patch16_224", folder, init="random", verify=False)
+def test_export_onnx_under_a_too_low_limit_is_refused_before_loading(converted_variant):
+    need_module("onnxruntime")
+    # the suite's DeiT base folder: 346 MB of weights, an export needs some 1.2 GiB
+    folder = converted_variant("deit_base_patch16_224").folder
     limit = _baseline("onnx") + _ROOM
-    with nothing_written(tmp_path):
+    with nothing_written(folder):
         r = _deit_port_limited(limit, "export-onnx", str(folder))
     assert r.returncode == 2, r.stderr
     need, what, have = _figures(one_error_line(r.stderr))
