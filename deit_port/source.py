@@ -320,22 +320,18 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
         `model`, for chaining.
     """
     g = torch.Generator().manual_seed(seed)
-
-    def draw(shape, std=1.0, mean=0.0):
-        return torch.randn(shape, generator=g) * std + mean
-
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
+            # each draw goes straight into the parameter: no temporary of its size
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-                value = draw(p.shape, 0.1, 1.0) if name == "weight" else draw(p.shape, 0.05)
+                mean, std = (1.0, 0.1) if name == "weight" else (0.0, 0.05)
+                p.normal_(mean, std, generator=g)
             elif name == "gamma":
-                value = torch.rand(p.shape, generator=g) * 0.9 + 0.1
+                p.uniform_(0.1, 1.0, generator=g)
             elif name == "bias":
-                value = draw(p.shape, 0.05)
+                p.normal_(0.0, 0.05, generator=g)
             elif p.ndim >= 2 and name == "weight":
-                fan_in = math.prod(p.shape[1:])
-                value = draw(p.shape, fan_in**-0.5)
+                p.normal_(0.0, math.prod(p.shape[1:]) ** -0.5, generator=g)
             else:  # tokens, position embeddings
-                value = draw(p.shape, 0.02)
-            p.copy_(value.to(p.dtype))
+                p.normal_(0.0, 0.02, generator=g)
     return model
